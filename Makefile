@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/dsv2 demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
