@@ -1,0 +1,53 @@
+"""`dsv2.generate`: simple batched generation through the latent cache and the absorbed decode path.
+
+Prompts of different lengths are right-padded; each sequence keeps its own positions in the cache, so no
+left-padding or position shifting is needed. (The serving engine with continuous batching is dsv2.infer.engine.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv2.infer.sampling import sample_next
+from dsv2.model import DeepseekV2
+
+
+@torch.inference_mode()
+def generate(model: DeepseekV2, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None, seed: int | None = None
+             ) -> list[list[int]]:
+    """Generate up to max_new_tokens for each prompt; returns the new tokens only (eos included if hit)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    device = model.lm_head.weight.device
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    cache = model.new_cache(B, int(lengths.max()) + max_new_tokens)
+    gen = None
+    if seed is not None:
+        gen = [torch.Generator(device=device).manual_seed(seed + b) for b in range(B)]
+
+    logits = model(ids, cache=cache, input_lengths=lengths, output_positions=lengths - 1)  # [B, V]
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_out = torch.full((B,), max_new_tokens, device=device)
+    ones = torch.ones(B, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_k, top_p, gen)
+        out[:, step] = tok
+        if eos_token_id is not None:
+            hit = (tok == eos_token_id) & ~done
+            n_out = torch.where(hit, step + 1, n_out)
+            done |= hit
+            if bool(done.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = model(tok[:, None], cache=cache, input_lengths=ones, output_positions=ones * 0)
+    return [out[b, : int(n_out[b])].tolist() for b in range(B)]

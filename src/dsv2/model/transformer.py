@@ -1,0 +1,154 @@
+"""The DeepSeek-V2 decoder: embed -> [RMSNorm -> MLA -> RMSNorm -> MLP or DeepSeekMoE] x L -> RMSNorm -> lm_head.
+
+Module names mirror DeepSeek's checkpoints (model.layers.N.self_attn.kv_b_proj, ...), so the checkpoint table only
+has to handle the stacked routed experts.
+
+    model = DeepseekV2(ModelConfig.from_preset("tiny"))
+    logits = model(input_ids)                      # [B, T, vocab], training / full recompute
+    cache = model.new_cache(batch_size, max_len)   # latent KV cache
+    logits = model(ids, cache=cache, input_lengths=n)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv2.config import ModelConfig
+from dsv2.model.attention import MLA, LatentCache, RMSNorm, StepContext
+from dsv2.model.moe import MLP, MoE, MoEGate, RoutedExperts
+from dsv2.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_idx)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, cache=None, ctx=None, impl="auto"):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, ctx, impl)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekV2Body(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV2(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV2Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+        self.attn_impl = "auto"  # "auto" | "naive" | "absorb" for cached forwards
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix (paper: std 0.006), ones for norms, zeros for biases."""
+        std = self.config.initializer_range if std is None else std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, MoEGate)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, RoutedExperts):
+                m.w13.normal_(0.0, std)
+                m.w2.normal_(0.0, std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        p = self.lm_head.weight
+        return LatentCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
+                input_lengths: torch.Tensor | None = None, output_positions: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab].
+
+        With a cache, sequence b's tokens go to positions cache.lengths[b] + t for t < input_lengths[b] (the rest
+        of the row is padding), and the cache lengths advance. output_positions [B] returns logits [B, vocab]
+        at one index per row only (saves the lm_head over the whole prompt when generating).
+        """
+        B, T = input_ids.shape
+        steps = torch.arange(T, device=input_ids.device)
+        if cache is None:
+            positions, ctx = steps[None].expand(B, T), None
+        else:
+            if B != cache.batch_size:
+                raise ValueError(f"batch of {B} rows for a cache of {cache.batch_size}")
+            n = torch.full((B,), T, device=input_ids.device) if input_lengths is None else input_lengths
+            start = cache.lengths
+            end, start_max = torch.stack([(start + n).max(), start.max()]).tolist()
+            if end > cache.max_len:
+                raise ValueError(f"sequence would reach {end} tokens, past the cache's {cache.max_len}")
+            positions = start[:, None] + steps[None]
+            ctx = StepContext(positions, steps[None] < n[:, None], end, start_max == 0)
+        cos, sin = self.rotary(positions)
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, cache, ctx, self.attn_impl)
+        if cache is not None:
+            cache.advance(n)
+        if output_positions is not None:
+            h = h[torch.arange(B, device=h.device), output_positions]
+        h = self.model.norm(h)
+        return h if return_hidden else self.lm_head(h)
+
+    # ---- training signals ----------------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def balance_losses(self) -> dict[str, torch.Tensor | list]:
+        """Balance losses of the last training forward: summed over MoE layers ("expert", "device", "comm",
+        "total") and per layer ("per_layer": one dict per MoE layer). Add "total" to the LM loss."""
+        per_layer = [m.aux for m in self.moe_layers() if m.aux]
+        out: dict = {"per_layer": per_layer}
+        zero = self.lm_head.weight.new_zeros((), dtype=torch.float32)
+        for k in ("expert", "device", "comm"):
+            out[k] = sum((d[k] for d in per_layer), zero)
+        out["total"] = out["expert"] + out["device"] + out["comm"]
+        return out
+
+    def expert_load(self) -> torch.Tensor:
+        """[n_moe_layers, n_routed_experts] tokens routed to each expert in the last forward."""
+        loads = [m.load for m in self.moe_layers() if m.load is not None]
+        return torch.stack(loads) if loads else torch.zeros(0)
+
+
+def count_parameters(cfg: ModelConfig) -> dict:
+    """Total and per-token activated parameters, built on the meta device (allocates nothing)."""
+    with torch.device("meta"):
+        model = DeepseekV2(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = []
+    activated = total
+    for i, layer in enumerate(model.model.layers):
+        n = sum(p.numel() for p in layer.parameters())
+        attn = sum(p.numel() for p in layer.self_attn.parameters())
+        row = {"layer": i, "kind": "moe" if isinstance(layer.mlp, MoE) else "dense", "params": n, "attention": attn,
+               "ffn": n - attn, "activated": n}
+        if isinstance(layer.mlp, MoE):
+            e = layer.mlp.experts
+            per_expert = (e.w13.numel() + e.w2.numel()) // cfg.n_routed_experts
+            inactive = per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+            row["activated"] = n - inactive
+            activated -= inactive
+        per_layer.append(row)
+    embed = model.model.embed_tokens.weight.numel()
+    head = 0 if cfg.tie_word_embeddings else model.lm_head.weight.numel()
+    return {"total": total, "activated": activated, "embedding": embed, "lm_head": head, "layers": per_layer}
