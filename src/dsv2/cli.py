@@ -1,0 +1,46 @@
+"""The `dsv2` command line: `dsv2 <verb> --help` explains each verb.
+
+Each verb lives with the code it drives and registers itself through an `add_*command(subparsers)` function
+listed in _COMMANDS; the registered function receives the parsed arguments and returns an exit code. User
+mistakes (ValueError, FileNotFoundError, dsv2.CheckpointError) print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMANDS = [
+    "dsv2.info:add_command",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv2", description="DeepSeek-V2 end to end: inspect, train, align and serve DeepSeek-V2 models.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for spec in _COMMANDS:
+        module, func = spec.split(":")
+        getattr(importlib.import_module(module), func)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
