@@ -1,0 +1,248 @@
+"""Byte-level BPE tokenizer (the paper's BBPE): train, load, save, chat template.
+
+A thin wrapper over the `tokenizers` library. A saved directory (tokenizer.json + tokenizer_config.json)
+loads in `transformers.AutoTokenizer.from_pretrained(dir)` with the same ids, and `Tokenizer.load` reads
+DeepSeek's own published tokenizer.json the same way.
+
+    dsv2 tokenizer train --data corpus/ --vocab-size 8192 --out runs/tok
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+# DeepSeek-V2's special token names (fullwidth bars, U+2581 for spaces).
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+PAD_TOKEN = "<｜▁pad▁｜>"
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+
+# As published in deepseek-ai/DeepSeek-V2-Chat's tokenizer_config.json.
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# CJK ideographs, kana and Hangul. The GPT-2 regex treats them as letters and would glue a Chinese run
+# to adjacent Latin letters; DeepSeek's tokenizer isolates such runs, so we do too.
+_CJK_RUN = "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+"
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # DeepSeek's published tokenizer.json uses a long hand-written list of Split regexes. We approximate
+    # it with its two documented rules (numbers split into single digits, CJK runs isolated) followed
+    # by the GPT-2 regex split inside ByteLevel, which keeps words, punctuation and whitespace apart.
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(_CJK_RUN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None, show_progress: bool = False
+) -> Tokenizer:
+    """Train byte-level BPE on `texts` and optionally save it to `out_dir`.
+
+    Ids: the three special tokens take 0 (bos), 1 (eos), 2 (pad), then the 256 byte tokens, then merges.
+    `vocab_size` counts all of them and is the model's embedding size: the result has exactly
+    `vocab_size` tokens unless the corpus runs out of pairs to merge, in which case it has fewer (those
+    embedding rows are simply never used); it never has more.
+    """
+    n_min = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < n_min:
+        raise ValueError(f"vocab_size {vocab_size} is too small: need at least {n_min} (256 bytes + specials)")
+    tok = tokenizers.Tokenizer(models.BPE())  # no unk token: every byte has a token
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    # Like DeepSeek's HF tokenizer, `AutoTokenizer(text)` prepends bos; our own encode() does not unless
+    # asked (it always passes add_special_tokens=False and adds bos itself).
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1", special_tokens=[(BOS_TOKEN, 0)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    n_docs = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal n_docs
+        for text in texts:
+            if text:
+                n_docs += 1
+                yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if n_docs == 0:
+        raise ValueError("empty corpus: no text to train the tokenizer on")
+    out = Tokenizer(tok)
+    if out_dir is not None:
+        out.save(out_dir)
+    return out
+
+
+def _token_name(value, default: str) -> str:
+    # tokenizer_config.json stores a token as a string or as {"content": ..., "__type": "AddedToken"}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else default
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of bos, eos and pad and the DeepSeek-V2 chat format."""
+
+    def __init__(
+        self,
+        tok: tokenizers.Tokenizer,
+        bos_token: str = BOS_TOKEN,
+        eos_token: str = EOS_TOKEN,
+        pad_token: str = PAD_TOKEN,
+    ):
+        self.tok = tok
+        self.bos_token, self.eos_token = bos_token, eos_token
+        for name in (bos_token, eos_token):
+            if tok.token_to_id(name) is None:
+                raise ValueError(f"tokenizer has no token {name!r}")
+        # DeepSeek-V2's own tokenizer_config sets pad to eos; fall back to eos for any tokenizer without
+        # a pad token rather than refusing to load it.
+        self.pad_token = pad_token if tok.token_to_id(pad_token) is not None else eos_token
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer.json (a file, or a directory holding one) and tokenizer_config.json beside it."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {file}")
+        config_file = file.parent / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        return cls(
+            tokenizers.Tokenizer.from_file(str(file)),
+            bos_token=_token_name(config.get("bos_token"), BOS_TOKEN),
+            eos_token=_token_name(config.get("eos_token"), EOS_TOKEN),
+            pad_token=_token_name(config.get("pad_token"), PAD_TOKEN),
+        )
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (HF format, with the chat template)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(out_dir / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            # HF's default cleanup rewrites " ." to "." on decode; byte-level BPE must round-trip exactly.
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (out_dir / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
+    @property
+    def bos_id(self) -> int:
+        return self.tok.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int:
+        return self.tok.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.token_to_id(self.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids in use (largest id + 1); the model's vocab_size must be at least this."""
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Short hash of the full tokenizer definition, to tell whether token files were made with it."""
+        return hashlib.sha256(self.tok.to_str().encode("utf-8")).hexdigest()[:16]
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        # Special-token strings inside `text` become their ids (as in HF); that is how the chat template's
+        # bos/eos text turns into ids.
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        """encode() over many texts at once (parallel in the Rust library)."""
+        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encs]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render CHAT_TEMPLATE in plain Python (same text as the Jinja template)."""
+        parts = [self.bos_token]
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if role == "user":
+                parts.append("User: " + content + "\n\n")
+            elif role == "assistant":
+                parts.append("Assistant: " + content + self.eos_token)
+            elif role == "system":
+                parts.append(content + "\n\n")
+        if add_generation_prompt:
+            parts.append("Assistant:")
+        return "".join(parts)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # Encode the whole rendered string at once, as HF does: encoding the turns one by one would split
+        # "\n\nAssistant" differently at the seams.
+        return self.encode(self.format_chat(messages, add_generation_prompt))
+
+
+def add_tokenizer_command(subparsers) -> None:
+    """Register `dsv2 tokenizer train` on the CLI's subparsers."""
+    parser = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    verbs = parser.add_subparsers(dest="tokenizer_command", required=True)
+    train = verbs.add_parser("train", help="train on a corpus and save tokenizer.json + tokenizer_config.json")
+    train.add_argument("--data", default=None, help="file, directory or glob (default: Python stdlib sources)")
+    train.add_argument("--vocab-size", type=int, required=True, help="total ids including special tokens")
+    train.add_argument("--out", required=True, help="output directory")
+    train.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of text")
+    train.add_argument("--text-field", default="text", help="field/column holding text in .jsonl/.parquet")
+    train.set_defaults(func=_train_command)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from dsv2.data import iter_corpus_texts  # data imports nothing from here; keep the CLI import lazy
+
+    stats: dict = {}
+    start = time.perf_counter()
+    texts = iter_corpus_texts(args.data, max_bytes=args.max_bytes, text_field=args.text_field, stats=stats)
+    # The Rust progress bar writes to stdout, and only blank lines when it is not a terminal.
+    tok = train_tokenizer(texts, args.vocab_size, out_dir=args.out, show_progress=sys.stdout.isatty())
+    print(
+        f"tokenizer: {stats['files']} files, {stats['bytes']:,} bytes, {stats['documents']} documents -> "
+        f"vocab {tok.vocab_size} (target {args.vocab_size}) in {time.perf_counter() - start:.1f}s, "
+        f"saved to {args.out}"
+    )
+    return 0
