@@ -168,7 +168,8 @@ class ModelConfig:
             kw["n_shared_experts"] = 0
         if kw.get("rope_scaling") is not None:
             rs = dict(kw["rope_scaling"])
-            rs.setdefault("type", rs.get("rope_type"))
+            kind = rs.pop("rope_type", None)  # transformers' alias of "type"; to_hf writes it back
+            rs.setdefault("type", kind)
             kw["rope_scaling"] = rs
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
