@@ -87,20 +87,26 @@ class RoutedExperts(nn.Module):
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w13, self.w2
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """row_weight [M]: the gate weight of each row, applied before the down projection (it is linear, and the
+        activation is half the width of the output)."""
         w13, w2 = self.weights()
         w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
         if self.use_grouped_mm and _grouped_mm_ok(x):
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # [M, 2I]
             g, u = h.split(self.inter, dim=-1)
-            return torch._grouped_mm((F.silu(g) * u).contiguous(), w2.transpose(1, 2), offs=offs)  # [M, H]
+            a = F.silu(g) * u if row_weight is None else F.silu(g) * u * row_weight[:, None].to(x.dtype)
+            return torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M, H]
         outs, start = [], 0
         for e, c in enumerate(counts.tolist()):
             if c == 0:
                 continue
             g, u = F.linear(x[start:start + c], w13[e]).split(self.inter, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, w2[e]))
+            a = F.silu(g) * u
+            if row_weight is not None:
+                a = a * row_weight[start:start + c, None].to(x.dtype)
+            outs.append(F.linear(a, w2[e]))
             start += c
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
@@ -192,10 +198,9 @@ class MoE(nn.Module):
         if self.training and self.cfg.token_drop:
             order = order[: int(counts.sum())]
         token = order // topk_idx.shape[1]
-        out = self.experts(xf[token], counts)  # [M, H]
-        out = out.float() * topk_w.flatten()[order, None]
-        y = torch.zeros(xf.shape, dtype=torch.float32, device=x.device).index_add_(0, token, out).to(x.dtype)
-        y = y.view(B, T, H)
+        # index_select rather than xf[token]: its backward is an index_add, far cheaper than index_put
+        out = self.experts(xf.index_select(0, token), counts, topk_w.flatten()[order])  # [M, H], gate-weighted
+        y = torch.zeros_like(xf).index_add_(0, token, out).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
