@@ -175,3 +175,13 @@ def test_moe_layer_placement(freq, dense, expect):
     assert [cfg.is_moe_layer(i) for i in range(4)] == expect
     model = DeepseekV2(cfg)
     assert [isinstance(layer.mlp, MoE) for layer in model.model.layers] == expect
+
+
+def test_bf16_autocast_training_step_runs():
+    """The CUDA recipe (bf16 autocast) on CPU: grouped experts take the autocast dtype, grads stay fp32."""
+    model = DeepseekV2(ModelConfig.from_preset("tiny")).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 512, (2, 16)))
+    (logits.float().logsumexp(-1).mean() + model.balance_losses()["total"]).backward()
+    assert model.model.layers[1].mlp.experts.w13.grad.dtype == torch.float32
+    assert torch.isfinite(model.model.layers[1].mlp.experts.w13.grad).all()

@@ -91,6 +91,9 @@ class RoutedExperts(nn.Module):
         """row_weight [M]: the gate weight of each row, applied before the down projection (it is linear, and the
         activation is half the width of the output)."""
         w13, w2 = self.weights()
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # grouped_mm is not autocast-aware: cast as F.linear would
+            x = x.to(torch.get_autocast_dtype(dev))
         w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
         if self.use_grouped_mm and _grouped_mm_ok(x):
             offs = counts.cumsum(0).to(torch.int32)
@@ -200,7 +203,7 @@ class MoE(nn.Module):
         token = order // topk_idx.shape[1]
         # index_select rather than xf[token]: its backward is an index_add, far cheaper than index_put
         out = self.experts(xf.index_select(0, token), counts, topk_w.flatten()[order])  # [M, H], gate-weighted
-        y = torch.zeros_like(xf).index_add_(0, token, out).view(B, T, H)
+        y = xf.new_zeros(xf.shape, dtype=out.dtype).index_add_(0, token, out).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
