@@ -148,3 +148,23 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
     assert "Traceback" not in r.stderr
+
+
+def test_fused_expert_layout_loads(ckpt):
+    """transformers 5.x holds experts fused (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]);
+    a checkpoint written in that layout loads to the same model."""
+    model, path = ckpt
+    f = path / "model.safetensors"
+    t = {n: v for n, v in load_file(f).items() if ".mlp.experts." not in n}
+    for i in (1, 2):
+        e = model.model.layers[i].mlp.experts
+        t[f"model.layers.{i}.mlp.experts.gate_up_proj"] = e.w13.detach().clone()
+        t[f"model.layers.{i}.mlp.experts.down_proj"] = e.w2.detach().clone()
+    save_file(t, f)
+    back = load_checkpoint(path)
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+    t["model.layers.1.mlp.experts.down_proj"] = torch.zeros(3, 3)
+    save_file(t, f)
+    _expect(path, "experts.down_proj has shape")

@@ -47,6 +47,13 @@ def _hf_names(name: str, n_experts: int) -> list[str]:
     return [f"{prefix}.{e}.{p}.weight" for e in range(n_experts) for p in projs]
 
 
+def _fused_name(name: str) -> str | None:
+    """transformers 5.x keeps experts fused in memory as experts.gate_up_proj [E, 2I, H] / experts.down_proj
+    [E, H, I] (our w13 / w2 layout); a checkpoint stored that way is accepted too."""
+    m = _EXPERT.match(name)
+    return None if not m else f"{m.group(1)}.{'gate_up_proj' if m.group(2) == 'w13' else 'down_proj'}"
+
+
 def hf_tensors(model: DeepseekV2) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every weight, experts unstacked (views, not copies)."""
     for name, t in model.state_dict().items():
@@ -183,7 +190,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
         model = DeepseekV2(cfg)
     expected = {n: t for n, t in model.state_dict().items()
                 if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
-    wanted = {hf: n for n in expected for hf in _hf_names(n, cfg.n_routed_experts)}
+    sources = {n: [_fused_name(n)] if _fused_name(n) in files else _hf_names(n, cfg.n_routed_experts)
+               for n in expected}
+    wanted = {hf: n for n, names in sources.items() for hf in names}
     missing = [k for k in wanted if k not in files]
     extra = [k for k in files if k not in wanted and not _IGNORABLE.search(k)]
     if missing:
@@ -204,8 +213,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
 
     state = {}
     for name, meta in expected.items():
-        parts = [read(k) for k in _hf_names(name, cfg.n_routed_experts)]
-        if _EXPERT.match(name):
+        parts = [read(k) for k in sources[name]]
+        if _EXPERT.match(name) and len(parts) > 1:
             per = 2 if name.endswith("w13") else 1
             want = meta.shape[1:] if per == 1 else (meta.shape[1] // 2, meta.shape[2])
             for k, t in zip(_hf_names(name, cfg.n_routed_experts), parts):
@@ -215,7 +224,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
         else:
             t = parts[0]
             if tuple(t.shape) != tuple(meta.shape):
-                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
+                raise CheckpointError(
+                    f"{path}: tensor {sources[name][0]} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:

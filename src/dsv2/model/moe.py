@@ -6,8 +6,8 @@ grouped matmul per projection (`torch._grouped_mm`) instead of a Python loop; a 
 tokens is the fallback where grouped_mm does not run (CUDA below sm90 or non-bf16 on CUDA). The checkpoint table
 (dsv2.checkpoint) maps the stacks to and from the published per-expert names.
 
-Deviation of transformers 4.57 (our test oracle): its gate ignores `norm_topk_prob` and always multiplies by
-`routed_scaling_factor`. We follow DeepSeek's reference: normalise the top-k weights when norm_topk_prob (and k > 1),
+Deviation of transformers (4.57, our test oracle, and still 5.24): its gate ignores `norm_topk_prob` and always
+multiplies by `routed_scaling_factor`. We follow DeepSeek's reference: normalise the top-k weights when norm_topk_prob (and k > 1),
 otherwise scale them (tests/test_moe.py checks both against the formula).
 """
 

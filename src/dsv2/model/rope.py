@@ -5,7 +5,8 @@ slice then uses rotate-half; the dot products are identical). YaRN mixes interpo
 frequencies with a linear ramp over the correction range, scales cos/sin by
 mscale(factor, mscale) / mscale(factor, mscale_all_dim) and the softmax scale by mscale(factor, mscale_all_dim)^2.
 
-Deviation of transformers 4.57 (our test oracle): it applies only the cos/sin factor, not the softmax mscale^2.
+Deviation of transformers 4.57 (our test oracle): it applies only the cos/sin factor, not the softmax mscale^2
+(transformers 5.24 applies both and matches us without a patch).
 DeepSeek's published checkpoints were trained with both, so we apply both (see `softmax_scale`, tested against
 the formula in tests/test_rope.py).
 """
