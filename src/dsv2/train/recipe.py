@@ -1,0 +1,119 @@
+"""The pretraining recipe: one flat dataclass for how to train (the model's shape is the preset's business).
+
+Every field is also a `dsv2 pretrain` flag (`max_steps` -> `--max-steps`) and a key of a TOML recipe:
+
+    # recipe.toml
+    preset = "small"
+    max_steps = 2000
+    lr = 3e-3
+    schedule = "cosine"
+    [model]                 # optional: ModelConfig overrides of the preset
+    num_hidden_layers = 8
+
+Precedence: the dataclass defaults < the TOML file < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Recipe:
+    # what to train on
+    preset: str = "small"
+    data: str | None = None  # file, directory or glob; None: the Python stdlib sources
+    text_field: str = "text"  # field (.jsonl) or column (.parquet) holding the text
+    max_bytes: int | None = None  # use at most this much text
+    tokenizer: str | None = None  # tokenizer dir; None: train one on the corpus (preset vocab size)
+    tokenizer_max_bytes: int | None = 50_000_000  # text used to train that tokenizer
+    model: dict = field(default_factory=dict)  # ModelConfig overrides of the preset
+    # batches
+    seq_len: int = 256
+    batch_size: int = 32  # global sequences per optimizer step
+    micro_batch_size: int = 0  # sequences per forward on one process (gradient accumulation); 0: all at once
+    batch_size_start: int = 0  # batch-size ramp: start here ...
+    batch_ramp_steps: int = 0  # ... and reach batch_size after this many steps
+    val_fraction: float = 0.005
+    # optimizer and schedule
+    max_steps: int = 1000
+    lr: float = 3e-3
+    schedule: str = "step"  # "step" (the paper's) or "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine floor
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
+    init_std: float | None = None  # None: the preset's initializer_range
+    seed: int = 0
+    # hardware
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32 / bfloat16
+    compile: bool = False  # torch.compile the model (CUDA)
+    fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
+    # bookkeeping
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20  # at most this many global batches of held-out blocks per evaluation
+    save_every: int = 500
+    keep_last: int = 2  # checkpoints kept (0: all)
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid recipe: {msg}")
+
+        for name in ("seq_len", "batch_size", "max_steps", "log_every", "eval_every", "eval_batches", "save_every"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "batch_size_start", "batch_ramp_steps", "warmup_steps", "keep_last"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.schedule in ("step", "cosine"), f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        need(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        need(self.batch_size_start <= self.batch_size, "batch_size_start must be <= batch_size")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "recipe") -> "Recipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        r = cls(**d)
+        r.validate()
+        return r
+
+
+def load_toml(path: str | Path) -> dict:
+    """The recipe keys of a TOML file (unchecked until Recipe.from_dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"malformed recipe {path}: {e}") from None
+
+
+def field_types() -> dict[str, type]:
+    """Recipe field -> the plain type its flag parses (int for `int | None`)."""
+    hints = typing.get_type_hints(Recipe)
+    out = {}
+    for f in dataclasses.fields(Recipe):
+        t = hints[f.name]
+        if isinstance(t, types.UnionType):
+            t = next(a for a in typing.get_args(t) if a is not type(None))
+        out[f.name] = t
+    return out
+
+
+__all__ = ["Recipe", "field_types", "load_toml"]
