@@ -13,6 +13,8 @@ import sys
 
 _COMMANDS = [
     "dsv2.info:add_command",
+    "dsv2.tokenizer:add_tokenizer_command",
+    "dsv2.train.pretrain:add_command",
 ]
 
 

@@ -1,0 +1,77 @@
+"""Two gloo processes under torchrun (DDP and FSDP2) train like one process on the same global batch and write the
+same checkpoint format; a checkpoint of either resumes on one process."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dsv2
+from dsv2.train.pretrain import checkpoints, latest_checkpoint, pretrain
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(out, recipe, *flags):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsv2.cli",
+           "pretrain", "--out", str(out), "--preset", recipe.preset, "--data", recipe.data, "--tokenizer",
+           recipe.tokenizer, "--seq-len", str(recipe.seq_len), "--batch-size", str(recipe.batch_size),
+           "--max-steps", str(recipe.max_steps), "--warmup-steps", str(recipe.warmup_steps), "--log-every", "1",
+           "--eval-every", str(recipe.eval_every), "--eval-batches", str(recipe.eval_batches), "--save-every",
+           str(recipe.save_every), "--no-progress", *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, corpus, tokenizer_dir):
+    from dsv2.train.recipe import Recipe
+
+    # one process, each rank's half of the global batch as one micro-batch: the balance losses see the same groups
+    r = Recipe(preset="tiny", data=str(corpus), tokenizer=str(tokenizer_dir), seq_len=32, batch_size=8,
+               micro_batch_size=4, max_steps=6, warmup_steps=2, lr=3e-3, log_every=1, eval_every=3, eval_batches=2,
+               save_every=3, keep_last=0)
+    out = tmp_path_factory.mktemp("single")
+    pretrain(r, out, progress=False)
+    return r, out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(single, tmp_path, mode):
+    recipe, one = single
+    two = tmp_path / mode
+    res = torchrun(two, recipe, *(["--fsdp"] if mode == "fsdp" else []))
+    assert f"2 process(es) on cpu ({'FSDP2' if mode == 'fsdp' else 'DDP'})" in res.stdout
+    a, b = records(one), records(two)
+    assert [(r["step"], "loss" in r) for r in a] == [(r["step"], "loss" in r) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "lm_loss", "expert_loss", "device_loss", "comm_loss", "eval_loss", "grad_norm"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+        if "expert_load_max_over_mean" in ra:
+            assert rb["expert_load_max_over_mean"] == ra["expert_load_max_over_mean"]
+    # the same checkpoint format: same files, tensor names, shapes, dtypes; weights within float tolerance
+    ca, cb = latest_checkpoint(one), latest_checkpoint(two)
+    assert [p.name for p in checkpoints(one)] == [p.name for p in checkpoints(two)]
+    assert sorted(p.name for p in ca.iterdir()) == sorted(p.name for p in cb.iterdir())
+    wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    sa, sb = (torch.load(c / "trainer_state.pt", weights_only=True) for c in (ca, cb))
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+    assert len(sb["rng_cpu"]) == 2
+    ja, jb = (json.loads((c / "trainer_state.json").read_text()) for c in (ca, cb))
+    assert ja["loader"] == jb["loader"] and jb["world_size"] == 2
+    dsv2.load_checkpoint(cb)
+    # and a 2-process checkpoint resumes on one process
+    more = dataclasses.replace(recipe, max_steps=7)
+    assert pretrain(more, two, resume=True, progress=False)["step"] == 7
