@@ -27,7 +27,10 @@ from dsv2.model import DeepseekV2
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(w13|w2)$")
+# (w13|w2)_scale_inv: the block scales of FP8 expert stacks (dsv2.infer.fp8_model), saved per expert as
+# experts.E.{gate,up,down}_proj.weight_scale_inv like DeepSeek's FP8 checkpoints
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(w13|w2)(_scale_inv)?$")
+_FP8_SCALE = "_scale_inv"
 # checkpoint entries that carry no weights of ours and may be skipped
 _IGNORABLE = re.compile(r"(rotary_emb\.inv_freq$)")
 
@@ -42,16 +45,16 @@ def _hf_names(name: str, n_experts: int) -> list[str]:
     m = _EXPERT.match(name)
     if not m:
         return [name]
-    prefix, which = m.groups()
+    prefix, which, scale = m.groups()
     projs = ("gate_proj", "up_proj") if which == "w13" else ("down_proj",)
-    return [f"{prefix}.{e}.{p}.weight" for e in range(n_experts) for p in projs]
+    return [f"{prefix}.{e}.{p}.weight{scale or ''}" for e in range(n_experts) for p in projs]
 
 
 def _fused_name(name: str) -> str | None:
     """transformers 5.x keeps experts fused in memory as experts.gate_up_proj [E, 2I, H] / experts.down_proj
     [E, H, I] (our w13 / w2 layout); a checkpoint stored that way is accepted too."""
     m = _EXPERT.match(name)
-    return None if not m else f"{m.group(1)}.{'gate_up_proj' if m.group(2) == 'w13' else 'down_proj'}"
+    return None if not m or m.group(3) else f"{m.group(1)}.{'gate_up_proj' if m.group(2) == 'w13' else 'down_proj'}"
 
 
 def hf_tensors(model: DeepseekV2) -> Iterator[tuple[str, torch.Tensor]]:
@@ -63,14 +66,15 @@ def hf_tensors(model: DeepseekV2) -> Iterator[tuple[str, torch.Tensor]]:
         if not m:
             yield name, t
             continue
-        prefix, which = m.groups()
+        prefix, which, scale = m.groups()
+        suffix = f"weight{scale or ''}"
         for e in range(t.shape[0]):
             if which == "w13":
                 gate, up = t[e].chunk(2, dim=0)
-                yield f"{prefix}.{e}.gate_proj.weight", gate
-                yield f"{prefix}.{e}.up_proj.weight", up
+                yield f"{prefix}.{e}.gate_proj.{suffix}", gate
+                yield f"{prefix}.{e}.up_proj.{suffix}", up
             else:
-                yield f"{prefix}.{e}.down_proj.weight", t[e]
+                yield f"{prefix}.{e}.down_proj.{suffix}", t[e]
 
 
 # ---- saving --------------------------------------------------------------------------------------------------
@@ -111,7 +115,7 @@ def save_checkpoint(model: DeepseekV2, path: str | Path, max_shard_size: int | s
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map, total = {}, 0
         for fname, shard in zip(files, shards):
-            tensors = {n: t.detach().to(device="cpu", dtype=dtype or t.dtype).clone() for n, t in shard}
+            tensors = {n: t.detach().to(device="cpu", dtype=_cast(n, t, dtype)).clone() for n, t in shard}
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             for n, t in tensors.items():
                 weight_map[n] = fname
@@ -122,6 +126,9 @@ def save_checkpoint(model: DeepseekV2, path: str | Path, max_shard_size: int | s
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         hf = model.config.to_hf()
         hf["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+        if any(n.endswith(_FP8_SCALE) for n in weight_map):
+            from dsv2.infer.quant import FP8_QUANT_CONFIG
+            hf["quantization_config"] = FP8_QUANT_CONFIG
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if extra is not None:
             extra(tmp)
@@ -130,6 +137,11 @@ def save_checkpoint(model: DeepseekV2, path: str | Path, max_shard_size: int | s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to store/load t in: `dtype` for full-precision tensors; FP8 weights and their scales keep theirs."""
+    return t.dtype if dtype is None or t.dtype == torch.float8_e4m3fn or name.endswith(_FP8_SCALE) else dtype
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -181,25 +193,27 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    config: ModelConfig | None = None) -> DeepseekV2:
-    """Load a HF-layout DeepSeek-V2 checkpoint (ours, transformers', or DeepSeek's published one)."""
+                    config: ModelConfig | None = None, fp8: bool | None = None) -> DeepseekV2:
+    """Load a HF-layout DeepSeek-V2 checkpoint (ours, transformers', or DeepSeek's published one).
+
+    fp8: None loads weights as stored (FP8 checkpoints with `weight_scale_inv` tensors give FP8 modules, see
+    dsv2.infer.fp8_model); True quantizes a full-precision checkpoint to FP8 while loading, one tensor at a time;
+    False dequantizes an FP8 checkpoint (to `dtype`, bfloat16 by default).
+    """
     path = Path(path)
     cfg = config or load_config(path)
     files = _weight_files(path)
+    stored_fp8 = any(k.endswith(_FP8_SCALE) for k in files)
     with torch.device("meta"):
         model = DeepseekV2(cfg)
+        if fp8 or (fp8 is None and stored_fp8):
+            from dsv2.infer.fp8_model import fp8_skeleton
+            fp8_skeleton(model, files if stored_fp8 else None)
     expected = {n: t for n, t in model.state_dict().items()
                 if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
     sources = {n: [_fused_name(n)] if _fused_name(n) in files else _hf_names(n, cfg.n_routed_experts)
                for n in expected}
     wanted = {hf: n for n, names in sources.items() for hf in names}
-    missing = [k for k in wanted if k not in files]
-    extra = [k for k in files if k not in wanted and not _IGNORABLE.search(k)]
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
-    if extra:
-        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
-
     handles: dict[Path, object] = {}
 
     def read(name: str) -> torch.Tensor:
@@ -211,11 +225,24 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
         except Exception as e:  # a truncated file fails here, not at open
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
 
+    available = files.keys()
+    fp8_names = {k for n, t in expected.items() if t.dtype == torch.float8_e4m3fn for k in sources[n]}
+    if fp8_names or stored_fp8:  # quantize or dequantize where checkpoint and model disagree
+        from dsv2.infer.fp8_model import FP8Conversion
+        conv = FP8Conversion(files, read, fp8_names, dtype)
+        available, read = conv.names, conv.read
+    missing = [k for k in wanted if k not in available]
+    extra = [k for k in available if k not in wanted and not _IGNORABLE.search(k)]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
+    if extra:
+        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
+
     state = {}
     for name, meta in expected.items():
         parts = [read(k) for k in sources[name]]
         if _EXPERT.match(name) and len(parts) > 1:
-            per = 2 if name.endswith("w13") else 1
+            per = 2 if _EXPERT.match(name).group(2) == "w13" else 1
             want = meta.shape[1:] if per == 1 else (meta.shape[1] // 2, meta.shape[2])
             for k, t in zip(_hf_names(name, cfg.n_routed_experts), parts):
                 if tuple(t.shape) != tuple(want):
@@ -226,7 +253,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
             if tuple(t.shape) != tuple(meta.shape):
                 raise CheckpointError(
                     f"{path}: tensor {sources[name][0]} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
-        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+        state[name] = t.to(device=device, dtype=_cast(name, t, dtype))
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

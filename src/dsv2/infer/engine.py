@@ -1,0 +1,394 @@
+"""The serving engine: continuous batching over a paged latent KV cache. Token ids in, token ids out.
+
+Each `step()` admits waiting requests while the block pool has room (FIFO), then runs at most two forwards:
+one decode forward over every request with exactly one token not yet cached (batch [B, 1], absorbed MLA over
+its blocks), and one prefill forward over requests with more (prompts, in chunks of at most `prefill_chunk`
+tokens per step in total, so a long prompt never stalls the running requests for long). Requests join and leave
+between steps. Blocks are allocated as a request grows; when the pool runs dry the newest request is preempted:
+its blocks are freed and it goes back to the head of the queue with prompt + output so far as its new prompt
+(recomputed later, vLLM's "recompute" preemption). A request that could never fit (prompt + max_tokens beyond
+the pool or the context) is refused when it is added, and `add_request` raises QueueFull when `max_waiting`
+requests are already queued.
+
+    engine = Engine(model, kv_cache_memory="256MB")
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8))   # offline use
+
+`EngineLoop` runs the engine in a background thread for the HTTP server: `submit` returns at once and the
+callback receives each step's `RequestOutput` for that request (from the engine thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv2.infer.paged import PagedBatch, PagedLatentPool
+from dsv2.infer.sampling import sample_next
+from dsv2.model import DeepseekV2
+
+log = logging.getLogger(__name__)
+MAX_LOGPROBS = 20
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 503)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; 0: the chosen token's; k: also the k most likely (<= 20)
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (usually one token)."""
+
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (eos / stop token), "length", "abort", "error"
+    logprobs: list[float] | None = None  # of the chosen tokens
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    seq: int  # arrival order; preemption takes the newest
+    tokens: list[int] = field(default_factory=list)  # prompt + output
+    blocks: list[int] = field(default_factory=list)
+    n_cached: int = 0  # tokens whose latents are in the blocks
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+    @property
+    def pending(self) -> int:  # tokens still to feed: 1 when decoding, more while (re)filling the cache
+        return len(self.tokens) - self.n_cached
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+class Engine:
+    """Continuous-batching generation for one DeepseekV2 model on one device.
+
+    kv_cache_memory: bytes (int or "512MB") for the block pool; or give num_blocks. kv_cache_dtype: None (the
+    model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales).
+    """
+
+    def __init__(self, model: DeepseekV2, kv_cache_memory: int | str | None = "1GB", *, num_blocks: int | None = None,
+                 block_size: int = 16, kv_cache_dtype: str | None = None, max_batch_size: int = 64,
+                 prefill_chunk: int = 512, max_waiting: int = 256, max_model_len: int | None = None,
+                 eos_token_id: int | None = -1):
+        self.model = model.eval()
+        cfg = model.config
+        p = model.lm_head.weight
+        self.device = p.device
+        dtype = p.dtype if p.is_floating_point() and p.dtype != torch.float8_e4m3fn else torch.bfloat16
+        if num_blocks is not None:
+            self.pool = PagedLatentPool(cfg, num_blocks, block_size, kv_cache_dtype, dtype, self.device)
+        else:
+            self.pool = PagedLatentPool.from_memory(cfg, kv_cache_memory, block_size, kv_cache_dtype, dtype,
+                                                    self.device)
+        if max_batch_size < 1 or prefill_chunk < 1 or max_waiting < 0:
+            raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_waiting >= 0")
+        self.max_batch_size, self.prefill_chunk, self.max_waiting = max_batch_size, prefill_chunk, max_waiting
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        self.eos_token_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._watermark = max(1, self.pool.num_blocks // 100)  # headroom kept when admitting, against thrashing
+        self.num_preemptions = 0
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError if it can never run, QueueFull if the queue is full."""
+        params = params or SamplingParams()
+        params.validate()
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                             f"the context length of {self.max_model_len} tokens")
+        capacity = self.pool.num_blocks * self.pool.block_size
+        if total > capacity:
+            raise ValueError(f"prompt + max_tokens = {total} tokens can never fit the KV cache pool of "
+                             f"{capacity} tokens; raise --kv-cache-memory")
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"duplicate request id {rid!r}")
+        req = Request(rid, list(prompt), params, seq=next(self._ids), tokens=list(prompt))
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks; False if it is unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._release(req)
+        req.finish_reason = "abort"
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "free_blocks": self.pool.num_free,
+                "total_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
+                "kv_cache_bytes": self.pool.nbytes(), "kv_cache_dtype": self.pool.kv_dtype or str(self.pool.dtype),
+                "preemptions": self.num_preemptions}
+
+    # ---- blocks --------------------------------------------------------------------------------------------
+    def _release(self, req: Request) -> None:
+        self.pool.free(req.blocks)
+        req.blocks = []
+        req.n_cached = 0
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _reserve(self, req: Request, n_tokens: int) -> bool:
+        """Make req's blocks cover n_cached + n_tokens, preempting newer requests if the pool is dry. False if
+        req itself was preempted (it is the newest and still does not fit)."""
+        need = self.pool.blocks_for(req.n_cached + n_tokens) - len(req.blocks)
+        while need > self.pool.num_free:
+            victim = max(self.running, key=lambda r: r.seq)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        req.blocks += self.pool.allocate(max(need, 0))
+        return True
+
+    def _admit(self) -> None:
+        free = self.pool.num_free  # minus what this round's admissions will take for their first chunk
+        while self.waiting and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            need = self.pool.blocks_for(min(req.pending, self.prefill_chunk))
+            headroom = self._watermark if self.running else 0
+            if need + headroom > free:
+                break
+            free -= need
+            self.waiting.popleft()
+            self.running.append(req)
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one decode forward and/or one prefill forward, sample; returns this step's outputs."""
+        self._admit()
+        outputs: list[RequestOutput] = []
+        decode = [r for r in list(self.running) if r.pending == 1 and r in self.running and self._reserve(r, 1)]
+        decode = [r for r in decode if r in self.running]  # reserving for a later row may preempt an earlier one
+        if decode:
+            ids = torch.tensor([[r.tokens[-1]] for r in decode], device=self.device)
+            logits = self._forward(decode, ids, [1] * len(decode))
+            for r in decode:
+                r.n_cached += 1
+            outputs += self._sample_and_append(decode, logits)
+        live, budget = [], self.prefill_chunk  # (request, chunk length)
+        for r in list(self.running):
+            if budget == 0:
+                break
+            if r.pending > 1 and r in self.running:
+                n = min(r.pending, budget)
+                if self._reserve(r, n):
+                    live.append((r, n))
+                    budget -= n
+        live = [(r, n) for r, n in live if r in self.running]  # a later reservation may have preempted it
+        if live:
+            ids = torch.zeros(len(live), max(n for _, n in live), dtype=torch.long)
+            for b, (r, n) in enumerate(live):
+                ids[b, :n] = torch.tensor(r.tokens[r.n_cached:r.n_cached + n])
+            logits = self._forward([r for r, _ in live], ids.to(self.device), [n for _, n in live])
+            done = [b for b, (r, n) in enumerate(live) if n == r.pending]  # the chunk ends the prompt: sample
+            for r, n in live:
+                r.n_cached += n
+            if done:
+                idx = torch.tensor(done, device=logits.device)
+                outputs += self._sample_and_append([live[b][0] for b in done], logits.index_select(0, idx))
+        return outputs
+
+    def _forward(self, reqs: list[Request], ids: torch.Tensor, n_new: list[int]) -> torch.Tensor:
+        """Run rows through the model over their blocks; logits [B, V] at each row's last new token."""
+        batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
+        if ids.shape[1] == 1:
+            return self.model(ids, cache=batch)[:, 0]
+        lengths = torch.tensor(n_new, device=self.device)
+        return self.model(ids, cache=batch, input_lengths=lengths, output_positions=lengths - 1)
+
+    def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        ps = [r.params for r in reqs]
+        if all(p.temperature <= 0 for p in ps):
+            tokens = logits.argmax(dim=-1)
+        else:
+            dev = logits.device
+            tokens = sample_next(logits, torch.tensor([p.temperature for p in ps], device=dev),
+                                 torch.tensor([p.top_k for p in ps], device=dev),
+                                 torch.tensor([p.top_p for p in ps], device=dev), [r.generator for r in reqs])
+        chosen_lp = top = None
+        want = [p.logprobs for p in ps if p.logprobs is not None]
+        if want:
+            lp = logits.float().log_softmax(dim=-1)
+            chosen_lp = lp.gather(1, tokens[:, None])[:, 0].tolist()
+            k = max(want)
+            if k:
+                vals, idx = lp.topk(k, dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        outputs = []
+        for b, (r, t) in enumerate(zip(reqs, tokens.tolist())):
+            r.tokens.append(t)
+            p = r.params
+            reason = None
+            if (t == self.eos_token_id and not p.ignore_eos) or t in p.stop_token_ids:
+                reason = "stop"
+            elif r.num_output >= p.max_tokens or len(r.tokens) >= self.max_model_len:
+                reason = "length"
+            out = RequestOutput(r.id, [t], reason is not None, reason, num_prompt_tokens=len(r.prompt),
+                                num_output_tokens=r.num_output)
+            if p.logprobs is not None:
+                out.logprobs = [chosen_lp[b]]
+                if p.logprobs:
+                    out.top_logprobs = [top[b][: p.logprobs]]
+            if reason is not None:
+                r.finish_reason = reason
+                self.running.remove(r)
+                self.requests.pop(r.id, None)
+                self._release(r)
+            outputs.append(out)
+        return outputs
+
+    # ---- offline use ---------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[GenerationResult]:
+        """Run prompts to completion (all admitted as the pool allows); results in prompt order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        results: dict[str, GenerationResult] = {i: GenerationResult([], "") for i in ids}
+        while self.has_work():
+            for o in self.step():
+                res = results.get(o.request_id)
+                if res is None:
+                    continue
+                res.token_ids += o.token_ids
+                if o.logprobs is not None:
+                    res.logprobs = (res.logprobs or []) + o.logprobs
+                if o.finished:
+                    res.finish_reason = o.finish_reason
+        return [results[i] for i in ids]
+
+
+class EngineLoop:
+    """Runs an Engine in a daemon thread. submit/abort are thread-safe; callbacks run on the engine thread."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._thread = threading.Thread(target=self._run, name="dsv2-engine", daemon=True)
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def submit(self, prompt: list[int], params: SamplingParams, callback: Callable[[RequestOutput], None]) -> str:
+        with self._lock:
+            rid = self.engine.add_request(prompt, params)
+            self._callbacks[rid] = callback
+        self._wake.set()
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            self._callbacks.pop(request_id, None)
+            return self.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self.engine.stats()
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.engine.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            with self._lock:
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # keep serving: fail the requests in flight rather than the thread
+                    log.exception("engine step failed; failing the requests in flight")
+                    outputs = [RequestOutput(r.id, [], True, "error") for r in self.engine.running]
+                    for o in outputs:
+                        self.engine.abort(o.request_id)
+                callbacks = [(self._callbacks.get(o.request_id), o) for o in outputs]
+                for o in outputs:
+                    if o.finished:
+                        self._callbacks.pop(o.request_id, None)
+            for cb, o in callbacks:
+                if cb is not None:
+                    cb(o)

@@ -1,0 +1,158 @@
+"""The paged latent KV cache of the serving engine: a pool of fixed-size blocks shared by all requests.
+
+Per token and layer the pool holds only what MLA needs: the normalised KV latent c_KV [kv_lora_rank] and the
+rotated RoPE key [qk_rope_head_dim] (576 numbers for V2), optionally quantized to 8 bits with one float32 scale
+per vector (dsv2.infer.quant.quantize_kv). Storage is one flat slot array per layer, slot = block * block_size +
+offset, plus one spare slot that swallows the writes of padding tokens, so writes need no host sync.
+
+A request owns a list of blocks (its block table); the engine allocates them on demand as the request grows and
+frees them when it ends. For one forward the engine builds a `PagedBatch` over the rows it runs; the model sees it
+as its cache (`lengths`, `batch_size`, `max_len`, `update`, `advance`), and `update` writes this step's latents
+into the blocks and gathers each row's whole context back for the absorbed attention.
+
+    pool = PagedLatentPool.from_memory(cfg, "256MB", block_size=16, kv_dtype="int8")
+    blocks = pool.allocate(pool.blocks_for(100))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsv2.checkpoint import parse_size
+from dsv2.config import ModelConfig
+from dsv2.infer.quant import FP8_DTYPE, KV_CACHE_KINDS, dequantize_kv, quantize_kv
+
+_STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": FP8_DTYPE,
+            "int8": torch.int8}
+
+
+def kv_storage_dtype(kind: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    if kind not in KV_CACHE_KINDS:
+        raise ValueError(f"unknown KV cache dtype {kind!r}; choose one of: auto, bf16, fp16, fp32, fp8, int8")
+    return model_dtype if kind is None else _STORAGE[kind]
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kind: str | None = None, model_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one cached token takes over all layers: latent + RoPE key (+ one float32 scale each if 8-bit)."""
+    elem = kv_storage_dtype(kind, model_dtype).itemsize
+    scales = 2 * 4 if kind in ("fp8", "int8") else 0
+    return cfg.num_hidden_layers * (cfg.kv_cache_dim * elem + scales)
+
+
+class PagedLatentPool:
+    """Blocks of `block_size` token slots for every layer, plus the free list."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, kv_dtype: str | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token (got {num_blocks} x {block_size})")
+        self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
+        self.kv_dtype, self.dtype = kv_dtype, dtype  # storage kind; compute dtype handed back to attention
+        self.quantized = kv_dtype in ("fp8", "int8")
+        store = kv_storage_dtype(kv_dtype, dtype)
+        L, n = cfg.num_hidden_layers, num_blocks * block_size + 1  # + the spare slot
+        self.spare_slot = n - 1
+        self.kv_latent = torch.zeros(L, n, cfg.kv_lora_rank, dtype=store, device=device)  # [L, slots, r]
+        self.rope_key = torch.zeros(L, n, cfg.qk_rope_head_dim, dtype=store, device=device)  # [L, slots, dr]
+        if self.quantized:  # one float32 scale per cached vector
+            self.kv_scale = torch.ones(L, n, 1, dtype=torch.float32, device=device)
+            self.rope_scale = torch.ones(L, n, 1, dtype=torch.float32, device=device)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
+
+    @classmethod
+    def from_memory(cls, cfg: ModelConfig, memory: int | str, block_size: int = 16, kv_dtype: str | None = None,
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "PagedLatentPool":
+        """As many blocks as fit in `memory` bytes (an int, or "512MB", "2GiB")."""
+        per_block = block_size * kv_bytes_per_token(cfg, kv_dtype, dtype)
+        num_blocks = parse_size(memory) // per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache memory {memory} holds no block of {block_size} tokens "
+                             f"({per_block} bytes each)")
+        return cls(cfg, num_blocks, block_size, kv_dtype, dtype, device)
+
+    # ---- accounting ----------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"KV cache pool exhausted: {n} block(s) wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def nbytes(self) -> int:
+        """Bytes of all blocks (the spare slot excluded)."""
+        return self.num_blocks * self.block_bytes()
+
+    def block_bytes(self) -> int:
+        return self.block_size * kv_bytes_per_token(self.cfg, self.kv_dtype, self.dtype)
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    def write(self, layer: int, slots: torch.Tensor, kv_latent: torch.Tensor, rope_key: torch.Tensor) -> None:
+        """slots [N] (the spare slot for padding), kv_latent [N, r], rope_key [N, dr]."""
+        if self.quantized:
+            q, s = quantize_kv(kv_latent, self.kv_dtype)
+            self.kv_latent[layer, slots], self.kv_scale[layer, slots] = q, s
+            q, s = quantize_kv(rope_key, self.kv_dtype)
+            self.rope_key[layer, slots], self.rope_scale[layer, slots] = q, s
+        else:
+            self.kv_latent[layer, slots] = kv_latent.to(self.kv_latent.dtype)
+            self.rope_key[layer, slots] = rope_key.to(self.rope_key.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [B, S] -> kv_latent [B, S, r], rope_key [B, S, dr] in the compute dtype."""
+        if self.quantized:
+            return (dequantize_kv(self.kv_latent[layer][slots], self.kv_scale[layer][slots], self.dtype),
+                    dequantize_kv(self.rope_key[layer][slots], self.rope_scale[layer][slots], self.dtype))
+        return self.kv_latent[layer][slots].to(self.dtype), self.rope_key[layer][slots].to(self.dtype)
+
+
+class PagedBatch:
+    """The cache one forward sees: rows = the requests being run, each with its block table and cached length.
+
+    block_tables [B, max_blocks] (rows padded with block 0; reads past a row's length are masked out by the
+    attention), lengths [B] tokens already cached. `lengths_host` is the same on the host, so the step's bounds
+    need no device sync.
+    """
+
+    def __init__(self, pool: PagedLatentPool, block_tables: list[list[int]], lengths: list[int]):
+        self.pool = pool
+        dev = pool.kv_latent.device
+        width = max(len(t) for t in block_tables)
+        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=dev)
+        self.lengths_host = list(lengths)
+        self.lengths = torch.tensor(lengths, device=dev)
+        self.max_len = width * pool.block_size
+        self._ctx = None  # the StepContext whose slots are computed below (shared by all layers)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths_host)
+
+    def _slots(self, ctx) -> None:
+        bs = self.pool.block_size
+        pos = ctx.positions  # [B, T]
+        blk = self.block_tables.gather(1, (pos // bs).clamp(max=self.block_tables.shape[1] - 1))
+        write = blk * bs + pos % bs
+        self._write = torch.where(ctx.valid, write, self.pool.spare_slot).flatten()  # [B*T]
+        keys = torch.arange(ctx.kv_len, device=pos.device)
+        self._read = self.block_tables[:, keys // bs] * bs + keys % bs  # [B, S]
+        self._ctx = ctx
+
+    def update(self, layer: int, kv_latent: torch.Tensor, rope_key: torch.Tensor, ctx):
+        """Write this step's latents [B, T, r] and RoPE keys [B, T, dr]; return the rows' first ctx.kv_len slots."""
+        if self._ctx is not ctx:
+            self._slots(ctx)
+        self.pool.write(layer, self._write, kv_latent.flatten(0, 1), rope_key.flatten(0, 1))
+        return self.pool.read(layer, self._read)
+
+    def advance(self, n_new: torch.Tensor) -> None:
+        self.lengths = self.lengths + n_new
