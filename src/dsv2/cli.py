@@ -15,6 +15,7 @@ _COMMANDS = [
     "dsv2.info:add_command",
     "dsv2.tokenizer:add_tokenizer_command",
     "dsv2.train.pretrain:add_command",
+    "dsv2.infer.cli:add_commands",
 ]
 
 

@@ -31,6 +31,7 @@ import torch
 from dsv2.infer.paged import PagedBatch, PagedLatentPool
 from dsv2.infer.sampling import sample_next
 from dsv2.model import DeepseekV2
+from dsv2.model.moe import RoutedExperts
 
 log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
@@ -110,13 +111,14 @@ class Engine:
     """Continuous-batching generation for one DeepseekV2 model on one device.
 
     kv_cache_memory: bytes (int or "512MB") for the block pool; or give num_blocks. kv_cache_dtype: None (the
-    model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales).
+    model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales). compile: torch.compile
+    the decode forward (off by default: eager is the CPU path; on CUDA this also captures CUDA graphs).
     """
 
     def __init__(self, model: DeepseekV2, kv_cache_memory: int | str | None = "1GB", *, num_blocks: int | None = None,
                  block_size: int = 16, kv_cache_dtype: str | None = None, max_batch_size: int = 64,
                  prefill_chunk: int = 512, max_waiting: int = 256, max_model_len: int | None = None,
-                 eos_token_id: int | None = -1):
+                 eos_token_id: int | None = -1, compile: bool = False):
         self.model = model.eval()
         cfg = model.config
         p = model.lm_head.weight
@@ -137,7 +139,16 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._watermark = max(1, self.pool.num_blocks // 100)  # headroom kept when admitting, against thrashing
-        self.num_preemptions = 0
+        self.num_preemptions = self.num_aborted = 0
+        self._decode_model = model
+        if compile:  # the decode step only (shapes vary less); CUDA graphs on GPU via "reduce-overhead"
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            for m in model.modules():
+                # torch 2.13 has no fp32 fake kernel for _grouped_mm, so dynamo cannot trace the experts: they
+                # stay eager (a graph break per MoE layer)
+                if isinstance(m, RoutedExperts) and not hasattr(m.forward, "_torchdynamo_disable"):
+                    m.forward = torch.compiler.disable(m.forward)
+            self._decode_model = torch.compile(model, dynamic=True, mode=mode)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
@@ -181,6 +192,7 @@ class Engine:
             self.waiting.remove(req)
         self._release(req)
         req.finish_reason = "abort"
+        self.num_aborted += 1
         return True
 
     def has_work(self) -> bool:
@@ -190,7 +202,7 @@ class Engine:
         return {"running": len(self.running), "waiting": len(self.waiting), "free_blocks": self.pool.num_free,
                 "total_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
                 "kv_cache_bytes": self.pool.nbytes(), "kv_cache_dtype": self.pool.kv_dtype or str(self.pool.dtype),
-                "preemptions": self.num_preemptions}
+                "preemptions": self.num_preemptions, "aborted": self.num_aborted}
 
     # ---- blocks --------------------------------------------------------------------------------------------
     def _release(self, req: Request) -> None:
@@ -269,7 +281,7 @@ class Engine:
         """Run rows through the model over their blocks; logits [B, V] at each row's last new token."""
         batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
         if ids.shape[1] == 1:
-            return self.model(ids, cache=batch)[:, 0]
+            return self._decode_model(ids, cache=batch)[:, 0]
         lengths = torch.tensor(n_new, device=self.device)
         return self.model(ids, cache=batch, input_lengths=lengths, output_positions=lengths - 1)
 
@@ -391,4 +403,7 @@ class EngineLoop:
                         self._callbacks.pop(o.request_id, None)
             for cb, o in callbacks:
                 if cb is not None:
-                    cb(o)
+                    try:
+                        cb(o)
+                    except Exception:  # e.g. the server's event loop is gone at shutdown
+                        log.exception("request callback failed")

@@ -1,0 +1,124 @@
+"""Text around the token-id engine: streaming detokenization with stop strings, and the checkpoint's chat template.
+
+The engine only sees token ids; the server and the CLI turn its tokens into text here. `TextStream` decodes
+incrementally (a multi-byte character split over tokens is held back until complete), finds stop strings across
+token boundaries, and never emits a partial stop string. `ChatTemplate` renders the Jinja `chat_template` of the
+checkpoint's tokenizer_config.json (as transformers does), falling back to DeepSeek-V2's format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from dsv2.tokenizer import Tokenizer
+
+
+class TextStream:
+    """Feed token ids with push(); get back the text they complete. After a stop string, `stopped` is True and the
+    text ends before it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] | tuple[str, ...] = ()):
+        self.decode = decode
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far, complete characters only
+        self.sent = 0  # characters of text already handed out
+        self.stopped = False
+        self._prefix = self._read = 0  # decode window: ids[_prefix:] re-decoded, ids[_prefix:_read] already in text
+
+    def push(self, ids: list[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids += ids
+        before = self.decode(self.ids[self._prefix:self._read])
+        after = self.decode(self.ids[self._prefix:])
+        # a character split across tokens decodes to U+FFFD until its last byte arrives
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The text still held back once the request has ended: an incomplete last character (as U+FFFD, like
+        decoding all ids at once) and a possible stop-string prefix."""
+        if not self.stopped and self._read < len(self.ids):
+            before = self.decode(self.ids[self._prefix:self._read])
+            self.text += self.decode(self.ids[self._prefix:])[len(before):]
+            self._prefix = self._read = len(self.ids)
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        hold = 0
+        if self.stop and not self.stopped:
+            longest = max(len(s) for s in self.stop)
+            start = max(0, self.sent - longest + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text, self.stopped, final = self.text[: min(hits)], True, True
+            elif not final:  # keep back a tail that may still grow into a stop string
+                hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = len(self.text) - hold
+        out = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return out
+
+
+# ByteLevel BPE maps bytes to printable characters (GPT-2's table); invert it to get a token's raw bytes.
+def _byte_decoder() -> dict[str, int]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTES = _byte_decoder()
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The raw bytes of one token (special tokens: their UTF-8 name)."""
+    piece = tokenizer.tok.id_to_token(token_id) or ""
+    if all(ch in _BYTES for ch in piece):
+        return bytes(_BYTES[ch] for ch in piece)
+    return piece.encode("utf-8")
+
+
+class ChatTemplate:
+    """messages -> prompt text, from the checkpoint's tokenizer_config.json `chat_template` (Jinja)."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None):
+        self.tokenizer = tokenizer
+        self.source = template
+        self._template = None
+        if template:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment  # a dependency of torch
+
+            def raise_exception(message):
+                raise ValueError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(template)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, tokenizer: Tokenizer) -> "ChatTemplate":
+        config = Path(path) / "tokenizer_config.json"
+        template = None
+        if config.is_file():
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return cls(tokenizer, template if isinstance(template, str) else None)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            return self.tokenizer.format_chat(messages, add_generation_prompt)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt))

@@ -1,0 +1,66 @@
+"""`dsv2 generate / chat / quantize` end to end on a tiny checkpoint (serve is covered by test_server.py)."""
+
+import io
+import json
+import re
+
+import pytest
+from safetensors import safe_open
+
+from dsv2 import load_checkpoint
+from dsv2.cli import main
+from dsv2.infer.engine import Engine, SamplingParams
+from dsv2.infer.fp8_model import is_fp8
+from dsv2.tokenizer import Tokenizer
+
+
+def _greedy_text(ckpt, prompt_ids, n):
+    model = load_checkpoint(ckpt)
+    tok = Tokenizer.load(ckpt)
+    out = Engine(model, num_blocks=64, eos_token_id=tok.eos_id).generate([prompt_ids], SamplingParams(max_tokens=n))
+    return tok.decode(out[0].token_ids)
+
+
+def test_generate(tiny_checkpoint, capsys):
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "def add(a, b):", "--max-tokens", "10",
+                 "--kv-cache-memory", "1MB"]) == 0
+    out, err = capsys.readouterr()
+    tok = Tokenizer.load(tiny_checkpoint)
+    assert out == _greedy_text(tiny_checkpoint, tok.encode("def add(a, b):", add_bos=True), 10) + "\n"
+    assert "tok/s" in err
+
+
+def test_chat_reads_turns_until_eof(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nhow are you?\n"))
+    args = ["chat", "--model", str(tiny_checkpoint), "--max-tokens", "6", "--temperature", "0",
+            "--system", "Be brief.", "--kv-cache-memory", "1MB"]
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    tok = Tokenizer.load(tiny_checkpoint)
+    second = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "how are you?"}])  # after /reset
+    assert _greedy_text(tiny_checkpoint, second, 6) in out
+
+
+def test_quantize_writes_a_deepseek_fp8_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(tiny_checkpoint), "--out", str(out_dir)]) == 0
+    cfg = json.loads((out_dir / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    assert (out_dir / "tokenizer.json").is_file() and (out_dir / "tokenizer_config.json").is_file()
+    with safe_open(str(out_dir / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.q_a_proj.weight_scale_inv" in set(f.keys())
+    assert is_fp8(load_checkpoint(out_dir))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out_dir), "--prompt", "x = ", "--max-tokens", "4", "--stop", "\x00",
+                 "--kv-cache-memory", "1MB", "--kv-cache-dtype", "int8"]) == 0
+    assert re.search(r"\[\d+ tokens", capsys.readouterr().err)  # runs end to end on FP8 weights, int8 cache
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "tokenizer"),
+    (["quantize", "--model", "/nonexistent", "--out", "/tmp/x"], "not found"),
+])
+def test_user_errors_exit_2(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
