@@ -75,3 +75,37 @@ def test_two_processes_match_one(single, tmp_path, mode):
     # and a 2-process checkpoint resumes on one process
     more = dataclasses.replace(recipe, max_steps=7)
     assert pretrain(more, two, resume=True, progress=False)["step"] == 7
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_a_checkpoint(tmp_path, corpus, tokenizer_dir):
+    """torchrun forwards SIGTERM to its workers; they agree on the step, save together and exit."""
+    import signal
+    import time
+
+    from dsv2.train.recipe import Recipe
+
+    out = tmp_path / "run"
+    r = Recipe(preset="tiny", data=str(corpus), tokenizer=str(tokenizer_dir), seq_len=32, batch_size=8,
+               max_steps=100_000, eval_every=100_000, save_every=100_000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsv2.cli",
+           "pretrain", "--out", str(out), "--preset", "tiny", "--data", r.data, "--tokenizer", r.tokenizer,
+           "--seq-len", "32", "--batch-size", "8", "--max-steps", "100000", "--log-every", "1", "--eval-every",
+           "100000", "--save-every", "100000", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, metrics = time.time() + 120, out / "metrics.jsonl"
+        while not metrics.is_file() or metrics.read_text().count('"loss"') < 4:  # a few steps in
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no training progress"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "SIGTERM: saved" in log, log[-3000:]
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 3
+    assert pretrain(dataclasses.replace(r, max_steps=int(ckpt.name.split("-")[1]) + 1), out, resume=True,
+                    progress=False)["steps_run"] == 1

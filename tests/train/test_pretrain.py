@@ -163,3 +163,12 @@ def test_cli(recipe, tmp_path, capsys):
                  "tiny", "--no-progress"]) == 2
     assert "error: corpus path" in capsys.readouterr().err
     assert main(["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2  # needs --resume
+
+
+def test_bf16_autocast_and_compile_flags_on_cpu(recipe, tmp_path, capsys):
+    """bf16 autocast runs on CPU when asked (the default there is float32); --compile is CUDA-only and says so."""
+    s = pretrain(dataclasses.replace(recipe, dtype="bfloat16", compile=True, max_steps=2), tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert "bf16 autocast" in out and "--compile is for CUDA" in out
+    assert s["loss"] is not None and s["loss"] == s["loss"]
+    assert dsv2.load_checkpoint(latest_checkpoint(tmp_path)).lm_head.weight.dtype == torch.float32  # fp32 master

@@ -47,13 +47,14 @@ def plot_expert_load(load: torch.Tensor, out: str | Path, first_moe_layer: int =
     load = load.double()
     rel = load / load.mean(dim=1, keepdim=True).clamp_min(1e-9)
     n_layers, n_experts = rel.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * n_experts + 2), max(2.5, 0.35 * n_layers + 1.5)))
+    width, height = min(12.0, max(6.0, 0.15 * n_experts + 3)), min(10.0, max(3.0, 0.3 * n_layers + 1.5))
+    fig, ax = plt.subplots(figsize=(width, height))
     im = ax.imshow(rel.numpy(), aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("routed expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(n_layers), [str(first_moe_layer + i) for i in range(n_layers)])
-    ax.set_title(f"tokens per expert / layer mean{' ' + steps if steps else ''} (max {rel.max():.2f}, min {rel.min():.2f})",
-                 fontsize=10)
+    span = f", {steps}" if steps else ""
+    ax.set_title(f"tokens per expert / layer mean{span} (max {rel.max():.2f}, min {rel.min():.2f})", fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

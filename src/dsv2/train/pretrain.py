@@ -178,11 +178,11 @@ class _Run:
         n_moe = len(model.moe_layers())
         self.load_window = torch.zeros(n_moe, cfg.n_routed_experts, dtype=torch.float64)  # since last eval
         self.step, self.tokens, self.window_start = 0, 0, 0
-        self.last = {"loss": None, "eval_loss": None}
+        self.last = {"loss": None, "lm_loss": None, "eval_loss": None, "eval_step": None}
         if self.ckpt:
             self.step, self.tokens = state["step"], state["tokens"]
             self.window_start = state.get("expert_load_since", self.step)
-            self.last = {"loss": state.get("loss"), "eval_loss": state.get("eval_loss")}
+            self.last = {k: state.get(k) for k in self.last}
             self.loader.load_state_dict(state["loader"])
             parallel.load_optimizer_state(self.model, self.opt, tensors["optimizer"], d)
             if tensors["expert_load"].shape == self.load_window.shape:
@@ -193,7 +193,8 @@ class _Run:
                 torch.cuda.set_rng_state(tensors["rng_cuda"][d.rank if same else 0])
         self.metrics_path = out / "metrics.jsonl"
         if d.is_main:  # drop records past the checkpoint (steps that will be trained again)
-            keep = [rec for rec in plots.read_metrics(self.metrics_path) if rec["step"] <= self.step] if self.ckpt else []
+            old = plots.read_metrics(self.metrics_path) if self.ckpt else []
+            keep = [rec for rec in old if rec["step"] <= self.step]
             self.metrics_path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
         n_params = sum(p.numel() for p in model.parameters())
         self.say(f"model: preset {r.preset}, {n_params / 1e6:.1f}M parameters; {d.world_size} process(es) on "
@@ -203,7 +204,8 @@ class _Run:
     def _train_tokenizer(self, vocab: int) -> None:
         start = time.perf_counter()
         stats: dict = {}
-        texts = iter_corpus_texts(self.r.data, self.r.tokenizer_max_bytes, self.r.text_field, stats)
+        limits = [b for b in (self.r.max_bytes, self.r.tokenizer_max_bytes) if b is not None]
+        texts = iter_corpus_texts(self.r.data, min(limits, default=None), self.r.text_field, stats)
         tok = train_tokenizer(texts, vocab, self.out / "tokenizer", show_progress=False)
         self.say(f"tokenizer: trained on {stats['bytes']:,} bytes ({stats['files']} files), vocab {tok.vocab_size}, "
                  f"in {time.perf_counter() - start:.1f}s")
@@ -300,7 +302,7 @@ class _Run:
                 self.tokens += B * r.seq_len
                 dt = time.perf_counter() - t0
                 train_time, run_tokens = train_time + dt, run_tokens + B * r.seq_len
-                self.last["loss"] = loss
+                self.last.update(loss=loss, lm_loss=stats[1].item())
                 self.load_window += load
                 window["n"] += 1
                 window["stats"] += torch.cat([stats, torch.tensor([gn], dtype=torch.float64)])
@@ -335,7 +337,7 @@ class _Run:
                 signal.signal(sig, handler)
         if stopped_by in EXIT_CODES:
             self.say(f"{stopped_by}: saved {latest_checkpoint(self.out)}; continue with --resume")
-        return {"step": self.step, "tokens": self.tokens, "loss": self.last["loss"], "eval_loss": self.last["eval_loss"],
+        return {"step": self.step, "tokens": self.tokens, **self.last,
                 "checkpoint": str(latest_checkpoint(self.out)), "stopped_by": stopped_by,
                 "tokens_per_s": run_tokens / train_time if train_time else None,
                 "elapsed_s": time.perf_counter() - begun, "steps_run": self.step - start_step}
@@ -356,7 +358,7 @@ class _Run:
     def _eval_and_record(self) -> int:
         loss = self.evaluate()
         if loss is not None:
-            self.last["eval_loss"] = loss
+            self.last.update(eval_loss=loss, eval_step=self.step)
             rec = {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
             if self.step > self.window_start and self.load_window.numel():
                 rec.update(expert_tokens=self.load_window.round().long().tolist(),
@@ -404,10 +406,9 @@ class _Run:
             try:
                 save_checkpoint(model, path, extra=extra)
             except OSError as e:
-                raise TrainingError(
-                    f"could not write checkpoint {path}: {e.strerror or e}. Nothing was half-written: "
-                    f"{'the previous checkpoint ' + str(previous) + ' is intact' if previous else 'no earlier checkpoint'}"
-                    f". Free space (or choose another --out), then --resume.") from e
+                kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+                raise TrainingError(f"could not write checkpoint {path}: {e.strerror or e}. Nothing was half-written; "
+                                    f"{kept}. Free space (or choose another --out), then --resume.") from e
             for old in checkpoints(self.out)[:-r.keep_last] if r.keep_last else []:
                 shutil.rmtree(old, ignore_errors=True)
             self._plot()
@@ -497,7 +498,7 @@ def _command(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
-        ev = f", eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""
+        ev = f", eval loss {s['eval_loss']:.3f} (step {s['eval_step']})" if s["eval_loss"] is not None else ""
         tps = f", {s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else ""
         loss = f", train loss {s['loss']:.3f}" if s["loss"] is not None else ""
         print(f"step {s['step']}{loss}{ev}{tps}; checkpoint: {s['checkpoint']}")

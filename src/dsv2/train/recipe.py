@@ -74,7 +74,8 @@ class Recipe:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.schedule in ("step", "cosine"), f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        need(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        need(self.dtype in ("auto", "float32", "bfloat16"),
+             f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         need(self.batch_size_start <= self.batch_size, "batch_size_start must be <= batch_size")
 
