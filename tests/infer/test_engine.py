@@ -67,7 +67,7 @@ def test_requests_join_and_leave_between_steps(model, prompts, alone):
 def test_quantized_kv_cache_close_to_full_precision(model, prompts, kind, tol):
     ref = Engine(model, num_blocks=64)
     quant = Engine(model, num_blocks=64, kv_cache_dtype=kind)
-    assert quant.pool.kv_latent.dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}[kind]
+    assert quant.pool.cache.dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}[kind]
     for p in prompts[:3]:
         a = ref.generate([p], SamplingParams(max_tokens=1, logprobs=0))[0]
         b = quant.generate([p], SamplingParams(max_tokens=1, logprobs=0))[0]
@@ -82,7 +82,7 @@ def test_pool_bytes_per_token_is_the_latent_size():
     assert kv_bytes_per_token(cfg, "int8") == L * (d + 8)  # + a float32 scale for the latent and the rope key
     pool = PagedLatentPool.from_memory(cfg, 100_000, block_size=16)
     assert pool.num_blocks == 100_000 // (16 * L * d * 4)
-    storage = pool.kv_latent[:, :-1].nbytes + pool.rope_key[:, :-1].nbytes  # without the spare slot
+    storage = pool.cache[:, :-1].nbytes  # without the spare slot
     assert storage == pool.nbytes() == pool.num_blocks * 16 * kv_bytes_per_token(cfg)
     with pytest.raises(ValueError, match="holds no block"):
         PagedLatentPool.from_memory(cfg, 1000)

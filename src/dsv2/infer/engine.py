@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv2.infer.decode import FastDecoder
 from dsv2.infer.paged import PagedBatch, PagedLatentPool
 from dsv2.infer.sampling import sample_next
 from dsv2.model import DeepseekV2
@@ -111,14 +112,16 @@ class Engine:
     """Continuous-batching generation for one DeepseekV2 model on one device.
 
     kv_cache_memory: bytes (int or "512MB") for the block pool; or give num_blocks. kv_cache_dtype: None (the
-    model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales). compile: torch.compile
-    the decode forward (off by default: eager is the CPU path; on CUDA this also captures CUDA graphs).
+    model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales). fast_decode: decode
+    steps run dsv2.infer.decode.FastDecoder (False: the model's general forward; they agree to float rounding).
+    compile: torch.compile the model's decode forward instead (off by default: eager is the CPU path; on CUDA this
+    also captures CUDA graphs).
     """
 
     def __init__(self, model: DeepseekV2, kv_cache_memory: int | str | None = "1GB", *, num_blocks: int | None = None,
                  block_size: int = 16, kv_cache_dtype: str | None = None, max_batch_size: int = 64,
                  prefill_chunk: int = 512, max_waiting: int = 256, max_model_len: int | None = None,
-                 eos_token_id: int | None = -1, compile: bool = False):
+                 eos_token_id: int | None = -1, compile: bool = False, fast_decode: bool = True):
         self.model = model.eval()
         cfg = model.config
         p = model.lm_head.weight
@@ -141,6 +144,7 @@ class Engine:
         self._watermark = max(1, self.pool.num_blocks // 100)  # headroom kept when admitting, against thrashing
         self.num_preemptions = self.num_aborted = 0
         self._decode_model = model
+        self._fast = FastDecoder(model) if fast_decode and not compile and FastDecoder.supports(model) else None
         if compile:  # the decode step only (shapes vary less); CUDA graphs on GPU via "reduce-overhead"
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             for m in model.modules():
@@ -281,6 +285,8 @@ class Engine:
         """Run rows through the model over their blocks; logits [B, V] at each row's last new token."""
         batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
         if ids.shape[1] == 1:
+            if self._fast is not None:
+                return self._fast(ids[:, 0], batch)
             return self._decode_model(ids, cache=batch)[:, 0]
         lengths = torch.tensor(n_new, device=self.device)
         return self.model(ids, cache=batch, input_lengths=lengths, output_positions=lengths - 1)

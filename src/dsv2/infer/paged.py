@@ -1,9 +1,11 @@
 """The paged latent KV cache of the serving engine: a pool of fixed-size blocks shared by all requests.
 
 Per token and layer the pool holds only what MLA needs: the normalised KV latent c_KV [kv_lora_rank] and the
-rotated RoPE key [qk_rope_head_dim] (576 numbers for V2), optionally quantized to 8 bits with one float32 scale
-per vector (dsv2.infer.quant.quantize_kv). Storage is one flat slot array per layer, slot = block * block_size +
-offset, plus one spare slot that swallows the writes of padding tokens, so writes need no host sync.
+rotated RoPE key [qk_rope_head_dim] (576 numbers for V2), side by side in one row, optionally quantized to 8 bits
+with one float32 scale for the latent and one for the RoPE key (dsv2.infer.quant.quantize_kv). Storage is one flat
+slot array per layer, slot = block * block_size + offset, plus one spare slot that swallows the writes of padding
+tokens, so writes need no host sync. One row per token means one gather per layer fetches both halves, and the
+absorbed attention scores them with a single matmul against [q_latent ; q_rope].
 
 A request owns a list of blocks (its block table); the engine allocates them on demand as the request grows and
 frees them when it ends. For one forward the engine builds a `PagedBatch` over the rows it runs; the model sees it
@@ -54,11 +56,10 @@ class PagedLatentPool:
         store = kv_storage_dtype(kv_dtype, dtype)
         L, n = cfg.num_hidden_layers, num_blocks * block_size + 1  # + the spare slot
         self.spare_slot = n - 1
-        self.kv_latent = torch.zeros(L, n, cfg.kv_lora_rank, dtype=store, device=device)  # [L, slots, r]
-        self.rope_key = torch.zeros(L, n, cfg.qk_rope_head_dim, dtype=store, device=device)  # [L, slots, dr]
-        if self.quantized:  # one float32 scale per cached vector
-            self.kv_scale = torch.ones(L, n, 1, dtype=torch.float32, device=device)
-            self.rope_scale = torch.ones(L, n, 1, dtype=torch.float32, device=device)
+        self.r = cfg.kv_lora_rank
+        self.cache = torch.zeros(L, n, cfg.kv_cache_dim, dtype=store, device=device)  # [L, slots, r + dr]
+        if self.quantized:  # float32 scales of the latent and of the RoPE key
+            self.scales = torch.ones(L, n, 2, dtype=torch.float32, device=device)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
 
     @classmethod
@@ -99,20 +100,32 @@ class PagedLatentPool:
     def write(self, layer: int, slots: torch.Tensor, kv_latent: torch.Tensor, rope_key: torch.Tensor) -> None:
         """slots [N] (the spare slot for padding), kv_latent [N, r], rope_key [N, dr]."""
         if self.quantized:
-            q, s = quantize_kv(kv_latent, self.kv_dtype)
-            self.kv_latent[layer, slots], self.kv_scale[layer, slots] = q, s
-            q, s = quantize_kv(rope_key, self.kv_dtype)
-            self.rope_key[layer, slots], self.rope_scale[layer, slots] = q, s
+            q_kv, s_kv = quantize_kv(kv_latent, self.kv_dtype)
+            q_pe, s_pe = quantize_kv(rope_key, self.kv_dtype)
+            rows = torch.cat([q_kv, q_pe], dim=-1)
+            self.scales[layer].index_copy_(0, slots, torch.cat([s_kv, s_pe], dim=-1))
         else:
-            self.kv_latent[layer, slots] = kv_latent.to(self.kv_latent.dtype)
-            self.rope_key[layer, slots] = rope_key.to(self.rope_key.dtype)
+            rows = torch.cat([kv_latent, rope_key], dim=-1)
+        # fp8 has no CPU index_copy kernel: copy its bytes; the spare slot may take several rows (any one wins)
+        store = self.cache[layer]
+        if store.dtype == FP8_DTYPE:
+            store, rows = store.view(torch.uint8), rows.view(torch.uint8)
+        store.index_copy_(0, slots, rows.to(store.dtype))
 
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots [B, S] -> kv_latent [B, S, r], rope_key [B, S, dr] in the compute dtype."""
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """slots [B, S] -> [B, S, r + dr] (latent ; RoPE key) in the compute dtype."""
+        flat = slots.flatten()
+        store = self.cache[layer]
+        if store.dtype == FP8_DTYPE:
+            rows = store.view(torch.uint8).index_select(0, flat).view(FP8_DTYPE)
+        else:
+            rows = store.index_select(0, flat)  # far cheaper than advanced indexing on CPU
+        rows = rows.view(*slots.shape, -1)
         if self.quantized:
-            return (dequantize_kv(self.kv_latent[layer][slots], self.kv_scale[layer][slots], self.dtype),
-                    dequantize_kv(self.rope_key[layer][slots], self.rope_scale[layer][slots], self.dtype))
-        return self.kv_latent[layer][slots].to(self.dtype), self.rope_key[layer][slots].to(self.dtype)
+            s = self.scales[layer].index_select(0, flat).view(*slots.shape, 2)
+            return torch.cat([dequantize_kv(rows[..., : self.r], s[..., :1], self.dtype),
+                              dequantize_kv(rows[..., self.r:], s[..., 1:], self.dtype)], dim=-1)
+        return rows if rows.dtype == self.dtype else rows.to(self.dtype)
 
 
 class PagedBatch:
@@ -125,7 +138,7 @@ class PagedBatch:
 
     def __init__(self, pool: PagedLatentPool, block_tables: list[list[int]], lengths: list[int]):
         self.pool = pool
-        dev = pool.kv_latent.device
+        dev = pool.cache.device
         width = max(len(t) for t in block_tables)
         self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=dev)
         self.lengths_host = list(lengths)
@@ -152,7 +165,8 @@ class PagedBatch:
         if self._ctx is not ctx:
             self._slots(ctx)
         self.pool.write(layer, self._write, kv_latent.flatten(0, 1), rope_key.flatten(0, 1))
-        return self.pool.read(layer, self._read)
+        rows = self.pool.read(layer, self._read)  # [B, S, r + dr]
+        return rows[..., : self.pool.r], rows[..., self.pool.r:]
 
     def advance(self, n_new: torch.Tensor) -> None:
         self.lengths = self.lengths + n_new
