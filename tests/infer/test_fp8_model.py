@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from dsv2 import load_checkpoint, save_checkpoint
 from dsv2.infer.engine import Engine, SamplingParams
+from dsv2.infer.paged import logits_through_pool
 from dsv2.infer.fp8_model import FP8RoutedExperts, convert_model_fp8, is_fp8, weight_nbytes
 from dsv2.infer.quant import FP8_QUANT_CONFIG, FP8Linear, dequantize_fp8_blockwise
 
@@ -94,15 +95,17 @@ def test_fp8_quality_on_trained_model(trained_tiny):
     assert (ref - got).abs().max().item() < 0.5 * max(1.0, ref.abs().max().item() / 10)
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_kv_cache_quality_on_trained_model(trained_tiny, kind):
-    """Greedy decoding with an 8-bit latent cache: >= 90% of 4 x 24 tokens identical to the fp32 cache."""
-    prompts = byte_prompts(4, 48, seed=5)
-    sp = SamplingParams(max_tokens=24)
-    ref = Engine(trained_tiny, num_blocks=64, eos_token_id=None).generate(prompts, sp)
-    got = Engine(trained_tiny, num_blocks=64, kv_cache_dtype=kind, eos_token_id=None).generate(prompts, sp)
-    same = sum(a == b for r, g in zip(ref, got) for a, b in zip(r.token_ids, g.token_ids))
-    assert same / (4 * 24) >= 0.9
+@pytest.mark.parametrize("kind,min_agree,max_diff", [("int8", 0.97, 0.5), ("fp8", 0.9, 1.5)])
+def test_kv_cache_quality_on_trained_model(trained_tiny, kind, min_agree, max_diff):
+    """Stated tolerance: with every key read back through an 8-bit latent cache (teacher-forced over 4 x 128
+    held-out tokens), next-token argmaxes agree with the float32 cache on >= 97% (int8) / 90% (fp8) of positions
+    and no logit moves by more than 0.5 / 1.5."""
+    ids = torch.tensor(byte_prompts(4, 128, seed=5))
+    ref = logits_through_pool(trained_tiny, ids)
+    got = logits_through_pool(trained_tiny, ids, kind)
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert agree >= min_agree, agree
+    assert (ref - got).abs().max().item() < max_diff
 
 
 def test_engine_runs_fp8_model(pair):

@@ -197,7 +197,8 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(server, path, cas
             assert err["message"] and err["type"] == "invalid_request_error", err
             if param is not None:
                 assert err["param"] == param, (body, err)
-        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2, "temperature": None,
+                                               "top_p": None, "n": None})  # null means the default
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     assert server.wait_idle()["free_blocks"] == server.health()["total_blocks"]
 

@@ -159,6 +159,21 @@ class Engine:
                     request_id: str | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError if it can never run, QueueFull if the queue is full."""
         params = params or SamplingParams()
+        self.check(prompt, params)
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"duplicate request id {rid!r}")
+        req = Request(rid, list(prompt), params, seq=next(self._ids), tokens=list(prompt))
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if this request could never run (reads only the engine's fixed limits)."""
         params.validate()
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
@@ -173,17 +188,6 @@ class Engine:
         if total > capacity:
             raise ValueError(f"prompt + max_tokens = {total} tokens can never fit the KV cache pool of "
                              f"{capacity} tokens; raise --kv-cache-memory")
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-        rid = request_id or f"req-{next(self._ids)}"
-        if rid in self.requests:
-            raise ValueError(f"duplicate request id {rid!r}")
-        req = Request(rid, list(prompt), params, seq=next(self._ids), tokens=list(prompt))
-        if params.seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        self.requests[rid] = req
-        self.waiting.append(req)
-        return rid
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks; False if it is unknown or already finished."""
@@ -353,14 +357,23 @@ class Engine:
 
 
 class EngineLoop:
-    """Runs an Engine in a daemon thread. submit/abort are thread-safe; callbacks run on the engine thread."""
+    """Runs an Engine in a daemon thread; submit, abort and stats are thread-safe and never wait for a step.
+
+    Submissions and aborts go through queues the engine thread drains between steps, so the caller (the server's
+    event loop) is not held up by a long prefill. Validation and the queue bound are checked at submit time.
+    Callbacks run on the engine thread; a request's callback is dropped as soon as it is aborted.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the queues and callbacks, never held during a step
         self._wake = threading.Event()
         self._stop = False
+        self._inbox: deque[tuple[str, list[int], SamplingParams]] = deque()
+        self._aborts: deque[str] = deque()
         self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._ids = itertools.count()
+        self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="dsv2-engine", daemon=True)
 
     def start(self) -> "EngineLoop":
@@ -374,42 +387,68 @@ class EngineLoop:
             self._thread.join(timeout=10)
 
     def submit(self, prompt: list[int], params: SamplingParams, callback: Callable[[RequestOutput], None]) -> str:
+        """Queue a request; raises ValueError (can never run) or QueueFull (too many waiting) at once."""
+        self.engine.check(prompt, params)
         with self._lock:
-            rid = self.engine.add_request(prompt, params)
+            if len(self.engine.waiting) + len(self._inbox) >= self.engine.max_waiting:
+                raise QueueFull(f"{len(self.engine.waiting) + len(self._inbox)} requests are already waiting")
+            rid = f"loop-{next(self._ids)}"
             self._callbacks[rid] = callback
+            self._inbox.append((rid, list(prompt), params))
         self._wake.set()
         return rid
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str) -> None:
         with self._lock:
-            self._callbacks.pop(request_id, None)
-            return self.engine.abort(request_id)
+            if self._callbacks.pop(request_id, None) is not None:
+                self._aborts.append(request_id)
+        self._wake.set()
 
     def stats(self) -> dict:
+        """The engine's counters as of the last step."""
+        return dict(self._stats)
+
+    def _drain(self) -> None:
         with self._lock:
-            return self.engine.stats()
+            inbox, self._inbox = self._inbox, deque()
+            aborts, self._aborts = self._aborts, deque()
+        for rid, prompt, params in inbox:
+            if rid not in self._callbacks:  # aborted before it was queued
+                continue
+            try:
+                self.engine.add_request(prompt, params, request_id=rid)
+            except (ValueError, QueueFull):
+                log.exception("request %s refused", rid)
+                self._deliver([(self._callbacks.pop(rid, None), RequestOutput(rid, [], True, "error"))])
+        for rid in aborts:
+            self.engine.abort(rid)
+
+    def _deliver(self, pairs) -> None:
+        for cb, o in pairs:
+            if cb is not None:
+                try:
+                    cb(o)
+                except Exception:  # e.g. the server's event loop is gone at shutdown
+                    log.exception("request callback failed")
 
     def _run(self) -> None:
         while not self._stop:
+            self._drain()
+            self._stats = self.engine.stats()
             if not self.engine.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # keep serving: fail the requests in flight rather than the thread
+                log.exception("engine step failed; failing the requests in flight")
+                outputs = [RequestOutput(r.id, [], True, "error") for r in self.engine.running]
+                for o in outputs:
+                    self.engine.abort(o.request_id)
             with self._lock:
-                try:
-                    outputs = self.engine.step()
-                except Exception:  # keep serving: fail the requests in flight rather than the thread
-                    log.exception("engine step failed; failing the requests in flight")
-                    outputs = [RequestOutput(r.id, [], True, "error") for r in self.engine.running]
-                    for o in outputs:
-                        self.engine.abort(o.request_id)
-                callbacks = [(self._callbacks.get(o.request_id), o) for o in outputs]
+                pairs = [(self._callbacks.get(o.request_id), o) for o in outputs]
                 for o in outputs:
                     if o.finished:
                         self._callbacks.pop(o.request_id, None)
-            for cb, o in callbacks:
-                if cb is not None:
-                    try:
-                        cb(o)
-                    except Exception:  # e.g. the server's event loop is gone at shutdown
-                        log.exception("request callback failed")
+            self._deliver(pairs)

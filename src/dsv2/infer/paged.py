@@ -170,3 +170,21 @@ class PagedBatch:
 
     def advance(self, n_new: torch.Tensor) -> None:
         self.lengths = self.lengths + n_new
+
+
+@torch.inference_mode()
+def logits_through_pool(model, ids: torch.Tensor, kv_dtype: str | None = None, chunk: int = 32,
+                        block_size: int = 16) -> torch.Tensor:
+    """Teacher-forced logits [B, T, vocab] for ids [B, T], every key read back from a block pool of `kv_dtype`
+    (chunked prefill on the absorbed path): what quantizing the cache does to the model, position by position."""
+    B, T = ids.shape
+    per_row = -(-T // block_size)
+    pool = PagedLatentPool(model.config, B * per_row, block_size, kv_dtype, model.lm_head.weight.dtype,
+                           ids.device)
+    tables = [pool.allocate(per_row) for _ in range(B)]
+    impl, model.attn_impl = model.attn_impl, "absorb"
+    try:
+        return torch.cat([model(ids[:, s:s + chunk], cache=PagedBatch(pool, tables, [s] * B))
+                          for s in range(0, T, chunk)], dim=1)
+    finally:
+        model.attn_impl = impl

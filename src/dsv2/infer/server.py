@@ -37,18 +37,25 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    stream: bool = False
+    temperature: float | None = None  # null means the default, as in OpenAI's API
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int | None = None
+    stream: bool | None = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
-    ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    ignore_eos: bool | None = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def model_post_init(self, _context) -> None:
+        defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "n": 1, "stream": False, "ignore_eos": False,
+                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 class CompletionBody(_Body):
@@ -72,7 +79,7 @@ class Message(BaseModel):
 class ChatBody(_Body):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
 
 
