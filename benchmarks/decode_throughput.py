@@ -60,6 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(model, d)
         hf = DeepseekV2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # run all new tokens, like ignore_eos (no extra logits processor)
     n_new = args.new_tokens
     variants = {"dsv2": (model, None)}
     if args.extra:
@@ -75,8 +76,8 @@ def main() -> None:
 
         def hf_run(n):
             with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=cfg.pad_token_id)[:, args.prompt_len:]
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                   pad_token_id=cfg.pad_token_id)[:, args.prompt_len:]
 
         engines = {name: Engine(m, budget, kv_cache_dtype=kv, max_batch_size=max(B, 1), prefill_chunk=4096)
                    for name, (m, kv) in variants.items()}

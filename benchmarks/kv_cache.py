@@ -154,13 +154,15 @@ def quality_rows(model: DeepseekV2, n_seq: int, seq_len: int) -> list[dict]:
             "weights FP8 (128x128 blocks)": logits_through_pool(fp8, ids, None),
             "weights FP8 + KV int8": logits_through_pool(fp8, ids, "int8"),
         }
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+
     rows = []
     for name, logits in variants.items():
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
         rows.append({"variant": name, "top-1 agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                      "max |logit diff|": (logits - ref).abs().max().item(),
                      "mean |logprob diff|": (logits.log_softmax(-1) - ref.log_softmax(-1)).abs().mean().item(),
-                     "held-out loss": loss})
+                     "held-out loss": loss(logits), "loss change": loss(logits) - loss(ref)})
     return rows
 
 
@@ -183,7 +185,8 @@ def main() -> None:
         model = trained_small(Path(args.trained), args.train_steps)
         q = quality_rows(model, n_seq=8, seq_len=256)
         print(f"\nquantization quality vs full precision, trained small ({args.trained}), 8 x 256 held-out tokens")
-        print(table(q, ["variant", "top-1 agreement", "max |logit diff|", "mean |logprob diff|", "held-out loss"]))
+        print(table(q, ["variant", "top-1 agreement", "max |logit diff|", "mean |logprob diff|", "held-out loss",
+                        "loss change"]))
         record["quality"] = q
     print(f"wrote {save('kv_cache', record)}")
 
