@@ -33,8 +33,8 @@ LOOP_MAX_ACTIVE_EXPERTS = 48
 
 def _rms(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
     # as RMSNorm.forward: normalise in float32, cast back, then scale
-    if x.dtype == torch.float32:
-        return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.eps)
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:  # one op: the weight is applied inside
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
 
 
@@ -122,14 +122,16 @@ class FastDecoder:
             q = _linear(attn.q_b_proj, _rms(_linear(attn.q_a_proj, x), attn.q_a_layernorm))
         q_nope, q_rope = q.view(B, H, dn + dr).split([dn, dr], dim=-1)  # [B, H, dn], [B, H, dr]
         kv_latent, rope_key = _linear(attn.kv_a_proj_with_mqa, x).split([r, dr], dim=-1)
-        pool.write(layer, write, _rms(kv_latent, attn.kv_a_layernorm), _rope(rope_key, cis[:, 0]))
+        # the query heads' RoPE slices and the shared key rotate together: [B, H + 1, dr]
+        q_rope, rope_key = _rope(torch.cat([q_rope, rope_key[:, None]], dim=1), cis).split([H, 1], dim=1)
+        pool.write(layer, write, _rms(kv_latent, attn.kv_a_layernorm), rope_key[:, 0])
         rows = pool.read(layer, read)  # [B, S, r + dr]: c_KV ; k_rope, in the compute dtype
         if absorbed is None:  # FP8 kv_b_proj: dequantize, as the model's forward does
             w = linear_weight(attn.kv_b_proj).view(H, dn + self.dv, r).to(x.dtype)
             absorbed = (w[:, :dn], w[:, dn:].transpose(1, 2))
         w_uk, w_uv_t = absorbed
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
-        q_cat = torch.cat([q_latent, _rope(q_rope, cis)], dim=-1)  # [B, H, r + dr]
+        q_cat = torch.cat([q_latent, q_rope], dim=-1)  # [B, H, r + dr]
         scores = torch.baddbmm(bias, q_cat, rows.transpose(1, 2), alpha=attn.softmax_scale)  # [B, H, S]
         probs = scores.softmax(dim=-1, dtype=torch.float32)
         if probs.dtype != rows.dtype:
