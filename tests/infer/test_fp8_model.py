@@ -13,7 +13,7 @@ from dsv2 import load_checkpoint, save_checkpoint
 from dsv2.infer.engine import Engine, SamplingParams
 from dsv2.infer.paged import logits_through_pool
 from dsv2.infer.fp8_model import FP8RoutedExperts, convert_model_fp8, is_fp8, weight_nbytes
-from dsv2.infer.quant import FP8_QUANT_CONFIG, FP8Linear, dequantize_fp8_blockwise
+from dsv2.infer.quant import FP8_QUANT_CONFIG, FP8Linear, dequantize_fp8_blockwise, fp8_to_float32
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,10 @@ def test_engine_runs_fp8_model(pair):
     _, fp8 = pair
     out = Engine(fp8, num_blocks=16, eos_token_id=None).generate([[5, 6, 7]], SamplingParams(max_tokens=4))
     assert len(out[0].token_ids) == 4
+
+
+def test_fp8_table_conversion_is_exact():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)  # every e4m3 value, NaNs included
+    assert torch.equal(fp8_to_float32(codes).nan_to_num(7.0), codes.float().nan_to_num(7.0))
+    w = torch.randn(4, 6, 10).to(torch.float8_e4m3fn)[:, 1:5]  # non-contiguous
+    assert torch.equal(fp8_to_float32(w), w.float())

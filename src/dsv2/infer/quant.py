@@ -80,6 +80,21 @@ def quantize_fp8_blockwise(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.T
     return _from_blocks(q, rows, cols), scale_inv
 
 
+_FP8_TABLE: dict[torch.device, torch.Tensor] = {}
+
+
+def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float32, exactly as q.float(), through a 256-entry table: the CPU cast kernel is scalar
+    (~5 ns per element), a table lookup ~6x faster. Other dtypes are just cast."""
+    if q.dtype != FP8_DTYPE or q.device.type != "cpu":
+        return q.float()
+    table = _FP8_TABLE.get(q.device)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.uint8, device=q.device)
+        table = _FP8_TABLE[q.device] = codes.view(FP8_DTYPE).float()
+    return table.index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
+
+
 def dequantize_fp8_blockwise(
     w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
@@ -91,7 +106,7 @@ def dequantize_fp8_blockwise(
             f"with block {block}: expected {expected}"
         )
     rows, cols = w_fp8.shape[-2:]
-    wb = _to_blocks(w_fp8.float(), block)  # a fresh float32 copy [..., R, b, C, b], safe to scale in place
+    wb = _to_blocks(fp8_to_float32(w_fp8), block)  # a fresh float32 copy [..., R, b, C, b], safe to scale in place
     wb.mul_(scale_inv.float()[..., :, None, :, None])
     return _from_blocks(wb, rows, cols).to(dtype)
 
@@ -262,7 +277,7 @@ def quantize_kv(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [..., dim] in `dtype` = q.float() * scale (scale [..., 1])."""
-    return (q.float() * scale.float()).to(dtype)
+    return (fp8_to_float32(q) * scale.float()).to(dtype)
 
 
 def kv_bits_per_element(kind: str | None, dim: int, scale_dtype: torch.dtype = torch.float32) -> float:
