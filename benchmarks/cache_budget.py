@@ -7,7 +7,9 @@ DeepSeek-V2 reports 5.76x the generation throughput of DeepSeek 67B, largely bec
 many more sequences decode at once. Here the same `small` weights decode N sequences (prompt P, G new tokens,
 greedy) under one cache budget B:
 - dsv2 engine: the paged latent pool sized to B (--kv-cache-memory), continuous batching; all N submitted at once,
-  the pool admits as many as fit;
+  the pool admits as many as fit, with "reserve" admission (prompt + max_tokens must fit: never preempts) and
+  with "optimistic" admission (prompts that fit are admitted, the newest are preempted and recomputed when the
+  pool runs dry);
 - latent, static: the model's forward over a dense latent cache, in waves of as many sequences as B holds;
 - expanded K/V, static: the same model decoding through the naive path with expanded per-head K/V cached (what
   transformers does), in waves of as many sequences as B holds at that size;
@@ -136,21 +138,28 @@ def main() -> None:
         print(f"  {name}: {rows[-1]['tok/s']:.0f} tok/s", flush=True)
         return out
 
-    engine = Engine(model, budget, block_size=block, max_batch_size=max(N, 1), prefill_chunk=2048)
-    peak = 0
+    def engine_run(admission):
+        engine = Engine(model, budget, block_size=block, max_batch_size=max(N, 1), prefill_chunk=2048,
+                        admission=admission)
 
-    def engine_run():
-        nonlocal peak
-        ids = [engine.add_request(p, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)) for p in prompts]
-        got = {i: [] for i in ids}
-        while engine.has_work():
-            for o in engine.step():
-                got[o.request_id] += o.token_ids
-            peak = max(peak, len(engine.running))
-        return [got[i] for i in ids]
+        def go():
+            ids = [engine.add_request(p, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
+                   for p in prompts]
+            got = {i: [] for i in ids}
+            while engine.has_work():
+                for o in engine.step():
+                    got[o.request_id] += o.token_ids
+                go.peak = max(go.peak, len(engine.running))
+            return [got[i] for i in ids]
 
-    ref = run("dsv2 engine (paged latent)", engine_run, None, latent_tok)
-    rows[-1]["max concurrent"] = peak
+        go.peak = 0
+        out = run(f"dsv2 engine ({admission} admission)", go, None, latent_tok)
+        rows[-1]["max concurrent"] = go.peak
+        rows[-1]["preemptions"] = engine.num_preemptions
+        return out
+
+    ref = engine_run("reserve")
+    engine_run("optimistic")
     lat = run("latent cache, static waves", lambda: static_waves(
         model, prompts, args.new_tokens, n_latent, lambda b: model.new_cache(b, ctx)), n_latent, latent_tok)
     expanded = copy.deepcopy(model)
@@ -186,7 +195,8 @@ def main() -> None:
     v2_seqs = {name: int(80e9 // (b * 4096)) for name, b in (("latent", v2_latent), ("full K/V", v2_full))}
     print(f"cache budget {args.budget}, preset {args.preset}, {N} requests of {args.prompt_len} + "
           f"{args.new_tokens} tokens, greedy, {args.threads} thread(s)")
-    print(table(rows, ["system", "bytes/token", "max concurrent", "tok/s", "x expanded tok/s", "seconds"]))
+    cols = ["system", "bytes/token", "max concurrent", "preemptions", "tok/s", "x expanded tok/s", "seconds"]
+    print(table([{c: r.get(c, "") for c in cols} for r in rows], cols))
     print(f"same greedy tokens as the engine: latent static {same[0]:.3f}, expanded {same[1]:.3f}")
     print(f"v2 (bf16 cache, 80 GB, 4K-token sequences): {v2_seqs['latent']} sequences with the latent cache "
           f"({v2_latent} B/token) vs {v2_seqs['full K/V']} with full per-head K/V ({v2_full} B/token)")

@@ -47,6 +47,21 @@ def test_greedy_matches_running_alone(model, prompts, alone, kw):
         assert engine.num_preemptions > 0
 
 
+def test_reserve_admission_never_preempts(model, prompts, alone):
+    engine = Engine(model, eos_token_id=None, num_blocks=30, block_size=4, admission="reserve")
+    out = engine.generate(prompts, SamplingParams(max_tokens=12))
+    assert [o.token_ids for o in out] == alone
+    assert engine.num_preemptions == 0
+    # each running request holds a reservation for prompt + max_tokens: together they never exceed the pool
+    engine.add_request(prompts[3], SamplingParams(max_tokens=12))  # 52 tokens: 13 blocks
+    engine.add_request(prompts[2], SamplingParams(max_tokens=12))  # 45 tokens: 12 blocks
+    engine.add_request(prompts[1], SamplingParams(max_tokens=12))  # 29 tokens: 8 blocks, 33 > 30: waits
+    engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 1
+    with pytest.raises(ValueError, match="admission"):
+        Engine(model, num_blocks=4, admission="greedy")
+
+
 def test_requests_join_and_leave_between_steps(model, prompts, alone):
     engine = Engine(model, num_blocks=64, eos_token_id=None)
     got = {}

@@ -28,7 +28,7 @@ class Server:
     def __init__(self, ckpt, **engine_kw):
         args = argparse.Namespace(model=str(ckpt), tokenizer=None, device="cpu", dtype="float32", fp8=False,
                                   kv_cache_memory="4MB", kv_cache_dtype="auto", block_size=16, max_batch_size=64,
-                                  max_model_len=None, compile=False, threads=None)
+                                  max_model_len=None, compile=False, threads=None, admission="optimistic")
         for k, v in engine_kw.items():
             setattr(args, k, v)
         self.engine, self.tokenizer, self.template = load_engine(args, max_waiting=engine_kw.get("max_waiting", 256))

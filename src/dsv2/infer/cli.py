@@ -64,6 +64,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--admission", default="optimistic", choices=["optimistic", "reserve"],
+                   help="optimistic: admit when the prompt fits, preempt on a full pool; reserve: admit only when "
+                        "prompt + max_tokens fit (never preempts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -100,7 +103,7 @@ def load_engine(args, max_waiting: int = 256):
     engine = Engine(model, args.kv_cache_memory, block_size=args.block_size,
                     kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, max_waiting=max_waiting,
-                    eos_token_id=tokenizer.eos_id, compile=args.compile)
+                    eos_token_id=tokenizer.eos_id, compile=args.compile, admission=args.admission)
     return engine, tokenizer, ChatTemplate.from_dir(tok_dir, tokenizer)
 
 

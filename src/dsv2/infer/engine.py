@@ -115,13 +115,18 @@ class Engine:
     model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales). fast_decode: decode
     steps run dsv2.infer.decode.FastDecoder (False: the model's general forward; they agree to float rounding).
     compile: torch.compile the model's decode forward instead (off by default: eager is the CPU path; on CUDA this
-    also captures CUDA graphs).
+    also captures CUDA graphs). eos_token_id: -1 takes the config's, None never stops on eos.
+    admission: "optimistic" admits a request when its prompt fits (blocks for its output are taken as it grows,
+    preempting the newest request when the pool runs dry: best memory use when outputs end early);
+    "reserve" admits it only when prompt + max_tokens fit beside what the running requests may still need
+    (no preemption ever: best when outputs run to max_tokens).
     """
 
     def __init__(self, model: DeepseekV2, kv_cache_memory: int | str | None = "1GB", *, num_blocks: int | None = None,
                  block_size: int = 16, kv_cache_dtype: str | None = None, max_batch_size: int = 64,
                  prefill_chunk: int = 512, max_waiting: int = 256, max_model_len: int | None = None,
-                 eos_token_id: int | None = -1, compile: bool = False, fast_decode: bool = True):
+                 eos_token_id: int | None = -1, compile: bool = False, fast_decode: bool = True,
+                 admission: str = "optimistic"):
         self.model = model.eval()
         cfg = model.config
         p = model.lm_head.weight
@@ -134,6 +139,9 @@ class Engine:
                                                     self.device)
         if max_batch_size < 1 or prefill_chunk < 1 or max_waiting < 0:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_waiting >= 0")
+        if admission not in ("optimistic", "reserve"):
+            raise ValueError(f"admission must be 'optimistic' or 'reserve', got {admission!r}")
+        self.admission = admission
         self.max_batch_size, self.prefill_chunk, self.max_waiting = max_batch_size, prefill_chunk, max_waiting
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         self.eos_token_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
@@ -238,15 +246,24 @@ class Engine:
 
     def _admit(self) -> None:
         free = self.pool.num_free  # minus what this round's admissions will take for their first chunk
+        reserved = sum(self._worst_case(r) for r in self.running)
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
-            need = self.pool.blocks_for(min(req.pending, self.prefill_chunk))
-            headroom = self._watermark if self.running else 0
-            if need + headroom > free:
-                break
-            free -= need
+            if self.admission == "reserve":
+                if reserved + self._worst_case(req) > self.pool.num_blocks:
+                    break
+                reserved += self._worst_case(req)
+            else:
+                need = self.pool.blocks_for(min(req.pending, self.prefill_chunk))
+                headroom = self._watermark if self.running else 0
+                if need + headroom > free:
+                    break
+                free -= need
             self.waiting.popleft()
             self.running.append(req)
+
+    def _worst_case(self, req: Request) -> int:
+        return self.pool.blocks_for(len(req.prompt) + req.params.max_tokens)
 
     # ---- the step ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -106,14 +106,13 @@ class _Choice:
         self.finished = False
         self.finish_reason: str | None = None
         self.n_tokens = 0
-        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # (token, logprob, top)
 
     async def events(self, engine: EngineLoop):
         """Yield (text delta, [(token, logprob, top)]) per engine step until the request ends."""
         while not self.finished:
             out = await self.queue.get()
             if out.finish_reason == "error":
-                raise APIError(500, "the engine failed on this request", kind="server_error")
+                raise APIError(500, "the request failed in the engine (see the server log)", kind="server_error")
             self.n_tokens += len(out.token_ids)
             delta = self.text.push(out.token_ids)
             lps = []
@@ -192,8 +191,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos)
 
-    async def start(request: Request, prompts: list[list[int]], params: SamplingParams, n: int,
-                    stops: list[str]) -> list[_Choice]:
+    async def start(prompts: list[list[int]], params: SamplingParams, n: int, stops: list[str]) -> list[_Choice]:
         aloop = asyncio.get_running_loop()
         choices = []
         try:
@@ -313,7 +311,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
         params = check(body, max_tokens, prompts, "prompt")
         params.logprobs = body.logprobs
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        choices = await start(request, prompts, params, body.n, stops)
+        choices = await start(prompts, params, body.n, stops)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def logprobs_obj(lps, offset: int):
@@ -374,7 +372,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
         params = check(body, max_tokens, [prompt], "messages")
         params.logprobs = (body.top_logprobs or 0) if body.logprobs else None
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        choices = await start(request, [prompt], params, body.n, stops)
+        choices = await start([prompt], params, body.n, stops)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def entry(token_id: int, lp: float) -> dict:
