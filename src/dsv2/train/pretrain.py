@@ -46,7 +46,7 @@ from dsv2.model import DeepseekV2
 from dsv2.tokenizer import Tokenizer, train_tokenizer
 from dsv2.train import parallel, plots
 from dsv2.train.optim import batch_size_at, build_optimizer, lr_at
-from dsv2.train.recipe import Recipe, field_types, load_toml
+from dsv2.train.recipe import Recipe, field_help, field_types, load_toml
 
 CKPT_DIR = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -460,17 +460,17 @@ def add_command(subparsers) -> None:
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; the schedule still "
                                                   "runs to --max-steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    types = field_types()
+    types, helps = field_types(), field_help()
     for f in dataclasses.fields(Recipe):
         if f.name == "model":  # a table: only in the TOML recipe
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{helps.get(f.name, '')} (default: {default})".lstrip()
         if types[f.name] is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"(default: {default})")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
-            p.add_argument(flag, type=types[f.name], default=argparse.SUPPRESS, help=f"(default: {default})",
+            p.add_argument(flag, type=types[f.name], default=argparse.SUPPRESS, help=text,
                            **({"choices": list(PRESETS)} if f.name == "preset" else {}))
     p.set_defaults(func=_command)
 

@@ -16,6 +16,8 @@ Precedence: the dataclass defaults < the TOML file < flags given on the command 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import tomllib
 import types
 import typing
@@ -117,4 +119,10 @@ def field_types() -> dict[str, type]:
     return out
 
 
-__all__ = ["Recipe", "field_types", "load_toml"]
+def field_help() -> dict[str, str]:
+    """Recipe field -> the comment on its line above (the flags' help text; one source for both)."""
+    src = inspect.getsource(Recipe)
+    return {m[1]: m[2] for m in re.finditer(r"^    (\w+): [^#\n]*#\s*(.+)$", src, re.MULTILINE)}
+
+
+__all__ = ["Recipe", "field_help", "field_types", "load_toml"]
