@@ -63,7 +63,7 @@ def main() -> None:
             return run
 
         # the engine: the same context in its block pool, then its fast decode step
-        engine = Engine(model, num_blocks=S // 16 + 4, block_size=16, prefill_chunk=4096, max_model_len=S + 16)
+        engine = Engine(model, num_blocks=S // 16 + 4, block_size=16, prefill_chunk=S, max_model_len=S + 16)
         rid = engine.add_request(ids[0].tolist(), SamplingParams(max_tokens=2, ignore_eos=True))
         engine.step()
         req = engine.requests[rid]
