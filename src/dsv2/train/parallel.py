@@ -74,15 +74,6 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
     return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The DeepseekV2 under DDP / torch.compile wrappers (FSDP2 leaves the module itself)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
 def grad_sync(model: nn.Module, sync: bool):
     """Context for one micro-batch's backward: skip the gradient all-reduce unless `sync` (the last one)."""
     if hasattr(model, "no_sync"):  # DDP
@@ -96,11 +87,6 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
 
 
 def on_main(d: Dist, fn):
@@ -159,5 +145,5 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
     set_optimizer_state_dict(model, opt, state, options=options)
 
 
-__all__ = ["Dist", "all_gather_object", "all_reduce_sum", "barrier", "full_model_state", "full_optimizer_state",
-           "grad_sync", "init_distributed", "load_optimizer_state", "on_main", "shutdown", "unwrap", "wrap"]
+__all__ = ["Dist", "all_gather_object", "all_reduce_sum", "full_model_state", "full_optimizer_state", "grad_sync",
+           "init_distributed", "load_optimizer_state", "on_main", "shutdown", "wrap"]
