@@ -77,7 +77,6 @@ def test_two_processes_match_one(single, tmp_path, mode):
     assert pretrain(more, two, resume=True, progress=False)["step"] == 7
 
 
-@pytest.mark.slow
 def test_sigterm_to_torchrun_saves_a_checkpoint(tmp_path, corpus, tokenizer_dir):
     """torchrun forwards SIGTERM to its workers; they agree on the step, save together and exit."""
     import signal
