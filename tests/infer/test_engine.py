@@ -97,7 +97,7 @@ def test_pool_bytes_per_token_is_the_latent_size():
     assert kv_bytes_per_token(cfg, "int8") == L * (d + 8)  # + a float32 scale for the latent and the rope key
     pool = PagedLatentPool.from_memory(cfg, 100_000, block_size=16)
     assert pool.num_blocks == 100_000 // (16 * L * d * 4)
-    storage = pool.cache[:, :-1].nbytes  # without the spare slot
+    storage = pool.cache[:, : pool.num_blocks * 16].nbytes  # without the spare block
     assert storage == pool.nbytes() == pool.num_blocks * 16 * kv_bytes_per_token(cfg)
     with pytest.raises(ValueError, match="holds no block"):
         PagedLatentPool.from_memory(cfg, 1000)

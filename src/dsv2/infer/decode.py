@@ -102,19 +102,19 @@ class FastDecoder:
             bias.masked_fill_((keys[None] > pos[:, None])[:, None], float("-inf"))
         bs = pool.block_size
         write = batch.block_tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs  # [B]
-        read = batch.block_tables[:, keys // bs] * bs + keys % bs  # [B, S]
 
         h = model.model.embed_tokens(tokens)  # [B, hidden]
         for i, layer in enumerate(model.model.layers):
             absorbed, experts = self.layers[i]
             x = _rms(h, layer.input_layernorm)
-            h = h + self._attention(layer.self_attn, absorbed, x, cis, bias, i, write, read, pool)
+            h = h + self._attention(layer.self_attn, absorbed, x, cis, bias, i, write, batch, S)
             x = _rms(h, layer.post_attention_layernorm)
             h = h + (self._moe(layer.mlp, experts, x) if isinstance(layer.mlp, MoE) else _mlp(layer.mlp, x))
         batch.advance(1)
         return _linear(model.lm_head, _rms(h, model.model.norm))
 
-    def _attention(self, attn: MLA, absorbed, x, cis, bias, layer, write, read, pool) -> torch.Tensor:
+    def _attention(self, attn: MLA, absorbed, x, cis, bias, layer, write, batch, S) -> torch.Tensor:
+        pool = batch.pool
         B, H, dn, dr, r = x.shape[0], self.H, self.dn, self.dr, self.r
         if attn.q_lora_rank is None:
             q = _linear(attn.q_proj, x)
@@ -125,7 +125,7 @@ class FastDecoder:
         # the query heads' RoPE slices and the shared key rotate together: [B, H + 1, dr]
         q_rope, rope_key = _rope(torch.cat([q_rope, rope_key[:, None]], dim=1), cis).split([H, 1], dim=1)
         pool.write(layer, write, _rms(kv_latent, attn.kv_a_layernorm), rope_key[:, 0])
-        rows = pool.read(layer, read)  # [B, S, r + dr]: c_KV ; k_rope, in the compute dtype
+        rows = pool.read(layer, batch.block_tables, S)  # [B, S, r + dr]: c_KV ; k_rope, in the compute dtype
         if absorbed is None:  # FP8 kv_b_proj: dequantize, as the model's forward does
             w = linear_weight(attn.kv_b_proj).view(H, dn + self.dv, r).to(x.dtype)
             absorbed = (w[:, :dn], w[:, dn:].transpose(1, 2))

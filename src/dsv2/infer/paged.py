@@ -3,9 +3,10 @@
 Per token and layer the pool holds only what MLA needs: the normalised KV latent c_KV [kv_lora_rank] and the
 rotated RoPE key [qk_rope_head_dim] (576 numbers for V2), side by side in one row, optionally quantized to 8 bits
 with one float32 scale for the latent and one for the RoPE key (dsv2.infer.quant.quantize_kv). Storage is one flat
-slot array per layer, slot = block * block_size + offset, plus one spare slot that swallows the writes of padding
-tokens, so writes need no host sync. One row per token means one gather per layer fetches both halves, and the
-absorbed attention scores them with a single matmul against [q_latent ; q_rope].
+slot array per layer, slot = block * block_size + offset, plus one spare block whose first slot swallows the writes
+of padding tokens, so writes need no host sync. Reads gather whole blocks (a few KB each: far cheaper than a row
+per token), and one row per token means one gather per layer fetches both halves, which the absorbed attention
+scores with a single matmul against [q_latent ; q_rope].
 
 A request owns a list of blocks (its block table); the engine allocates them on demand as the request grows and
 frees them when it ends. For one forward the engine builds a `PagedBatch` over the rows it runs; the model sees it
@@ -54,8 +55,8 @@ class PagedLatentPool:
         self.kv_dtype, self.dtype = kv_dtype, dtype  # storage kind; compute dtype handed back to attention
         self.quantized = kv_dtype in ("fp8", "int8")
         store = kv_storage_dtype(kv_dtype, dtype)
-        L, n = cfg.num_hidden_layers, num_blocks * block_size + 1  # + the spare slot
-        self.spare_slot = n - 1
+        L, n = cfg.num_hidden_layers, (num_blocks + 1) * block_size  # + the spare block
+        self.spare_slot = num_blocks * block_size
         self.r = cfg.kv_lora_rank
         self.cache = torch.zeros(L, n, cfg.kv_cache_dim, dtype=store, device=device)  # [L, slots, r + dr]
         if self.quantized:  # float32 scales of the latent and of the RoPE key
@@ -112,17 +113,20 @@ class PagedLatentPool:
             store, rows = store.view(torch.uint8), rows.view(torch.uint8)
         store.index_copy_(0, slots, rows.to(store.dtype))
 
-    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """slots [B, S] -> [B, S, r + dr] (latent ; RoPE key) in the compute dtype."""
-        flat = slots.flatten()
-        store = self.cache[layer]
+    def read(self, layer: int, block_tables: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """The first n_keys token rows of each row's blocks: block_tables [B, nb] -> [B, n_keys, r + dr] (latent ;
+        RoPE key) in the compute dtype."""
+        B, nb = block_tables.shape
+        flat = block_tables.flatten()
+        store = self.cache[layer].view(self.num_blocks + 1, -1)  # one row of block_size * (r + dr) per block
         if store.dtype == FP8_DTYPE:
             rows = store.view(torch.uint8).index_select(0, flat).view(FP8_DTYPE)
         else:
-            rows = store.index_select(0, flat)  # far cheaper than advanced indexing on CPU
-        rows = rows.view(*slots.shape, -1)
+            rows = store.index_select(0, flat)
+        rows = rows.view(B, nb * self.block_size, -1)[:, :n_keys]
         if self.quantized:
-            s = self.scales[layer].index_select(0, flat).view(*slots.shape, 2)
+            s = self.scales[layer].view(self.num_blocks + 1, -1).index_select(0, flat)
+            s = s.view(B, nb * self.block_size, 2)[:, :n_keys]
             return torch.cat([dequantize_kv(rows[..., : self.r], s[..., :1], self.dtype),
                               dequantize_kv(rows[..., self.r:], s[..., 1:], self.dtype)], dim=-1)
         return rows if rows.dtype == self.dtype else rows.to(self.dtype)
@@ -156,8 +160,6 @@ class PagedBatch:
         blk = self.block_tables.gather(1, (pos // bs).clamp(max=self.block_tables.shape[1] - 1))
         write = blk * bs + pos % bs
         self._write = torch.where(ctx.valid, write, self.pool.spare_slot).flatten()  # [B*T]
-        keys = torch.arange(ctx.kv_len, device=pos.device)
-        self._read = self.block_tables[:, keys // bs] * bs + keys % bs  # [B, S]
         self._ctx = ctx
 
     def update(self, layer: int, kv_latent: torch.Tensor, rope_key: torch.Tensor, ctx):
@@ -165,7 +167,7 @@ class PagedBatch:
         if self._ctx is not ctx:
             self._slots(ctx)
         self.pool.write(layer, self._write, kv_latent.flatten(0, 1), rope_key.flatten(0, 1))
-        rows = self.pool.read(layer, self._read)  # [B, S, r + dr]
+        rows = self.pool.read(layer, self.block_tables, ctx.kv_len)  # [B, S, r + dr]
         return rows[..., : self.pool.r], rows[..., self.pool.r:]
 
     def advance(self, n_new: torch.Tensor) -> None:
