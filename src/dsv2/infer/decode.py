@@ -6,7 +6,8 @@ arithmetic with far fewer ops and none of the generality:
 - positions, RoPE factors, the key mask and the cache slots are computed once per step, not once per layer;
 - MLA runs only the absorbed path: W_UK folded into the query, W_UV into the output, and [q_latent ; q_rope]
   scored against the cached [c_KV ; k_rope] rows with one matmul (the pool stores them side by side);
-- RMSNorm is one fused op and RoPE one complex multiply on views (no copies in float32);
+- RMSNorm is one fused op and RoPE one complex multiply on views (no copies in float32); C++ tensor methods
+  are called rather than their Python wrappers (Tensor.split costs 3x split_with_sizes at these sizes);
 - the routed experts of a small batch run as a loop over the experts that got tokens, into one buffer (the CPU
   grouped_mm walks every expert); a single token skips the dispatch altogether.
 It holds only views of the model's parameters (no copies, so weight updates show through), and FP8 modules run
@@ -25,7 +26,7 @@ from torch import nn
 from dsv2.infer.paged import PagedBatch
 from dsv2.model import DeepseekV2
 from dsv2.model.attention import MLA, RMSNorm, linear_weight
-from dsv2.model.moe import MLP, MoE, RoutedExperts, _grouped_mm_ok
+from dsv2.model.moe import MLP, MoE, MoEGate, RoutedExperts, _grouped_mm_ok
 
 # beyond this many experts with tokens, one grouped matmul beats the per-expert loop on CPU
 LOOP_MAX_ACTIVE_EXPERTS = 48
@@ -34,20 +35,43 @@ LOOP_MAX_ACTIVE_EXPERTS = 48
 def _rms(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
     # as RMSNorm.forward: normalise in float32, cast back, then scale
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:  # one op: the weight is applied inside
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
+        return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm.weight * torch.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs as one complex multiply, in float32: x [..., d], cis complex64 [..., d/2]."""
     f32 = x.dtype == torch.float32
-    xf = (x if f32 else x.float()).unflatten(-1, (-1, 2))
+    xf = (x if f32 else x.float()).view(*x.shape[:-1], -1, 2)
     try:
         xc = torch.view_as_complex(xf)  # a view when x is a float32 slice with even offset and strides
     except RuntimeError:
         xc = torch.view_as_complex(xf.contiguous())
     out = torch.view_as_real(xc * cis).flatten(-2)
     return out if f32 else out.to(x.dtype)
+
+
+def _route(gate: MoEGate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoEGate.forward's top-k experts and weights for x [N, hidden], in fewer ops (the group mask broadcasts
+    instead of being repeated per expert); tests/infer/test_decode.py checks the routing variants agree."""
+    if x.dtype == torch.float32 and gate.weight.dtype == torch.float32:
+        scores = F.linear(x, gate.weight).softmax(dim=-1)
+    else:
+        scores = F.linear(x.float(), gate.weight.float()).softmax(dim=-1)
+    if gate.method == "group_limited_greedy":
+        n = scores.shape[0]
+        grouped = scores.view(n, gate.n_group, -1)
+        group_idx = grouped.amax(dim=-1).topk(gate.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros(n, gate.n_group, 1, dtype=torch.bool, device=scores.device)
+        keep.scatter_(1, group_idx[:, :, None], True)
+        topk_w, topk_idx = grouped.masked_fill(~keep, 0.0).view(n, -1).topk(gate.top_k, dim=-1, sorted=False)
+    else:
+        topk_w, topk_idx = scores.topk(gate.top_k, dim=-1, sorted=False)
+    if gate.norm_topk_prob and gate.top_k > 1:
+        topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        topk_w = topk_w * gate.routed_scaling_factor
+    return topk_idx, topk_w
 
 
 def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -120,10 +144,10 @@ class FastDecoder:
             q = _linear(attn.q_proj, x)
         else:
             q = _linear(attn.q_b_proj, _rms(_linear(attn.q_a_proj, x), attn.q_a_layernorm))
-        q_nope, q_rope = q.view(B, H, dn + dr).split([dn, dr], dim=-1)  # [B, H, dn], [B, H, dr]
-        kv_latent, rope_key = _linear(attn.kv_a_proj_with_mqa, x).split([r, dr], dim=-1)
+        q_nope, q_rope = q.view(B, H, dn + dr).split_with_sizes([dn, dr], dim=-1)  # [B, H, dn], [B, H, dr]
+        kv_latent, rope_key = _linear(attn.kv_a_proj_with_mqa, x).split_with_sizes([r, dr], dim=-1)
         # the query heads' RoPE slices and the shared key rotate together: [B, H + 1, dr]
-        q_rope, rope_key = _rope(torch.cat([q_rope, rope_key[:, None]], dim=1), cis).split([H, 1], dim=1)
+        q_rope, rope_key = _rope(torch.cat([q_rope, rope_key[:, None]], dim=1), cis).split_with_sizes([H, 1], 1)
         pool.write(layer, write, _rms(kv_latent, attn.kv_a_layernorm), rope_key[:, 0])
         rows = pool.read(layer, batch.block_tables, S)  # [B, S, r + dr]: c_KV ; k_rope, in the compute dtype
         if absorbed is None:  # FP8 kv_b_proj: dequantize, as the model's forward does
@@ -141,7 +165,7 @@ class FastDecoder:
         return _linear(attn.o_proj, out.reshape(B, H * self.dv))
 
     def _moe(self, moe: MoE, experts, x: torch.Tensor) -> torch.Tensor:
-        _, topk_idx, topk_w = moe.gate(x)  # the model's own router: identical choices
+        topk_idx, topk_w = _route(moe.gate, x) if type(moe.gate) is MoEGate else moe.gate(x)[1:]
         y = None
         if experts is not None and x.shape[0] == 1:
             y = self._one_token(moe.experts.inter, experts, x, topk_idx, topk_w)
@@ -169,7 +193,7 @@ class FastDecoder:
         w13_t, w2_t = experts
         y = torch.zeros_like(x)
         for e, w in sorted(zip(topk_idx[0].tolist(), topk_w[0].tolist())):
-            g, u = torch.mm(x, w13_t[e]).split(I, dim=-1)
+            g, u = torch.mm(x, w13_t[e]).split_with_sizes([I, I], dim=-1)
             y = torch.addmm(y, F.silu(g) * u, w2_t[e], alpha=w)
         return y
 
@@ -183,7 +207,7 @@ class FastDecoder:
             if c:
                 torch.mm(xs[s:s + c], w13_t[e], out=h[s:s + c])
                 s += c
-        g, u = h.split(I, dim=-1)
+        g, u = h.split_with_sizes([I, I], dim=-1)
         act = F.silu(g) * u * row_w[:, None].to(xs.dtype)  # the gate weight before the down projection
         out = torch.empty_like(xs)
         s = 0
