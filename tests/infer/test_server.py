@@ -4,7 +4,6 @@ not), raw HTTP for bad input, 32 concurrent requests, client disconnects, and 50
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import threading
 import time

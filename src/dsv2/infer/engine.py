@@ -217,7 +217,8 @@ class Engine:
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "free_blocks": self.pool.num_free,
                 "total_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
-                "kv_cache_bytes": self.pool.nbytes(), "kv_cache_dtype": self.pool.kv_dtype or str(self.pool.dtype),
+                "kv_cache_bytes": self.pool.nbytes(),
+                "kv_cache_dtype": self.pool.kv_dtype or str(self.pool.dtype).removeprefix("torch."),
                 "preemptions": self.num_preemptions, "aborted": self.num_aborted}
 
     # ---- blocks --------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class TextStream:
 
 # ByteLevel BPE maps bytes to printable characters (GPT-2's table); invert it to get a token's raw bytes.
 def _byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = list(bs)
     n = 0
     for b in range(256):
