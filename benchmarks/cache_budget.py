@@ -34,7 +34,6 @@ from dsv2 import DeepseekV2, ModelConfig, save_checkpoint
 from dsv2.checkpoint import parse_size
 from dsv2.infer.engine import Engine, SamplingParams
 from dsv2.infer.paged import kv_bytes_per_token
-from dsv2.model.rope import apply_rope
 
 
 class ExpandedKVCache:
@@ -62,17 +61,11 @@ class ExpandedKVCache:
 def expanded_attention(self, x, cos, sin, cache=None, ctx=None, impl="auto"):
     """MLA's projections, then naive attention over cached per-head K/V (replaces MLA.forward on a copy)."""
     B, T, _ = x.shape
-    if self.q_lora_rank is None:
-        q = self.q_proj(x)
-    else:
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-    q = q.view(B, T, self.n_heads, self.qk_dim)
-    q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-    q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
-    kv_latent, rope_key = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-    kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+    q_nope, q_rope, kv_latent, rope_key = self.project(x, cos, sin)
+    q = torch.cat([q_nope, q_rope], dim=-1)
+    kv = self.kv_b_proj(kv_latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
     k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-    rope_key = apply_rope(rope_key, cos, sin)[:, :, None].expand(B, T, self.n_heads, self.rope_dim)
+    rope_key = rope_key[:, :, None].expand(B, T, self.n_heads, self.rope_dim)
     k = torch.cat([k_nope, rope_key], dim=-1)
     pos = torch.where(ctx.valid, ctx.positions, cache.max_len)
     b = torch.arange(B)[:, None]

@@ -211,11 +211,16 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
             raise APIError(400, str(e)) from None
         return choices
 
-    async def run_all(request: Request, choices: list[_Choice], on_event) -> None:
-        """Drain every choice (non-streaming); if the client goes away, stop and abort them all."""
+    async def collect(request: Request, choices: list[_Choice]) -> tuple[dict[int, str], dict[int, list]]:
+        """Drain every choice (non-streaming) into (text, logprobs) per choice index; if the client goes away,
+        stop and abort them all."""
+        texts: dict[int, list[str]] = {c.index: [] for c in choices}
+        all_lps: dict[int, list] = {c.index: [] for c in choices}
+
         async def drain(c):
             async for delta, lps in c.events(engine):
-                on_event(c, delta, lps)
+                texts[c.index].append(delta)
+                all_lps[c.index] += lps
 
         main = asyncio.ensure_future(asyncio.gather(*(drain(c) for c in choices)))
 
@@ -234,6 +239,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
             for c in choices:
                 if not c.finished:
                     engine.abort(c.rid)
+        return {i: "".join(t) for i, t in texts.items()}, all_lps
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
@@ -340,16 +346,9 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
 
             return stream(choices, chunk, usage_chunk if include_usage(body) else None)
 
-        texts: dict[int, list[str]] = {c.index: [] for c in choices}
-        all_lps: dict[int, list] = {c.index: [] for c in choices}
-
-        def on_event(c, delta, lps):
-            texts[c.index].append(delta)
-            all_lps[c.index] += lps
-
-        await run_all(request, choices, on_event)
+        texts, all_lps = await collect(request, choices)
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": c.index, "text": "".join(texts[c.index]),
+                "choices": [{"index": c.index, "text": texts[c.index],
                              "logprobs": logprobs_obj(all_lps[c.index], 0), "finish_reason": c.finish_reason}
                             for c in choices],
                 "usage": usage(choices, body.n)}
@@ -401,16 +400,9 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
 
             return stream(choices, chunk, usage_chunk if include_usage(body) else None)
 
-        texts: dict[int, list[str]] = {c.index: [] for c in choices}
-        all_lps: dict[int, list] = {c.index: [] for c in choices}
-
-        def on_event(c, delta, lps):
-            texts[c.index].append(delta)
-            all_lps[c.index] += lps
-
-        await run_all(request, choices, on_event)
+        texts, all_lps = await collect(request, choices)
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(texts[c.index])},
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
                              "logprobs": logprobs_obj(all_lps[c.index]), "finish_reason": c.finish_reason}
                             for c in choices],
                 "usage": usage(choices, body.n)}

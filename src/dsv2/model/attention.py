@@ -108,21 +108,21 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
         self.softmax_scale = softmax_scale(cfg)
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, ctx: StepContext | None = None,
-                impl: str = "auto") -> torch.Tensor:
+    def project(self, x, cos, sin):
+        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated), kv_latent [B, T, r]
+        (normalised), rope_key [B, T, dr] (rotated; one key shared by all heads)."""
         B, T, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, self.n_heads, self.qk_dim)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin)  # [B, T, H, dr]
-
+        q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
         kv_latent, rope_key = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv_latent = self.kv_a_layernorm(kv_latent)  # [B, T, r]
-        rope_key = apply_rope(rope_key, cos, sin)  # [B, T, dr], one key shared by all heads
+        return q_nope, apply_rope(q_rope, cos, sin), self.kv_a_layernorm(kv_latent), apply_rope(rope_key, cos, sin)
 
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, ctx: StepContext | None = None,
+                impl: str = "auto") -> torch.Tensor:
+        q_nope, q_rope, kv_latent, rope_key = self.project(x, cos, sin)
         if cache is None:
             out = self._naive(q_nope, q_rope, kv_latent, rope_key, mask=None)
         else:
