@@ -87,6 +87,8 @@ def load_engine(args, max_waiting: int = 256):
     from dsv2.infer.text import ChatTemplate
     from dsv2.tokenizer import Tokenizer
 
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {args.model}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
