@@ -58,7 +58,7 @@ def test_quantize_writes_a_deepseek_fp8_checkpoint(tiny_checkpoint, tmp_path, ca
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["generate", "--model", "/nonexistent", "--prompt", "x"], "tokenizer"),
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "checkpoint directory not found"),
     (["quantize", "--model", "/nonexistent", "--out", "/tmp/x"], "not found"),
 ])
 def test_user_errors_exit_2(argv, msg, capsys):
