@@ -26,7 +26,7 @@ from torch import nn
 from dsv2.infer.paged import PagedBatch
 from dsv2.model import DeepseekV2
 from dsv2.model.attention import MLA, RMSNorm, linear_weight
-from dsv2.model.moe import MLP, MoE, MoEGate, RoutedExperts, _grouped_mm_ok
+from dsv2.model.moe import MLP, MoE, RoutedExperts, _grouped_mm_ok
 
 # beyond this many experts with tokens, one grouped matmul beats the per-expert loop on CPU
 LOOP_MAX_ACTIVE_EXPERTS = 48
@@ -49,29 +49,6 @@ def _rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
         xc = torch.view_as_complex(xf.contiguous())
     out = torch.view_as_real(xc * cis).flatten(-2)
     return out if f32 else out.to(x.dtype)
-
-
-def _route(gate: MoEGate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoEGate.forward's top-k experts and weights for x [N, hidden], in fewer ops (the group mask broadcasts
-    instead of being repeated per expert); tests/infer/test_decode.py checks the routing variants agree."""
-    if x.dtype == torch.float32 and gate.weight.dtype == torch.float32:
-        scores = F.linear(x, gate.weight).softmax(dim=-1)
-    else:
-        scores = F.linear(x.float(), gate.weight.float()).softmax(dim=-1)
-    if gate.method == "group_limited_greedy":
-        n = scores.shape[0]
-        grouped = scores.view(n, gate.n_group, -1)
-        group_idx = grouped.amax(dim=-1).topk(gate.topk_group, dim=-1, sorted=False).indices
-        keep = torch.zeros(n, gate.n_group, 1, dtype=torch.bool, device=scores.device)
-        keep.scatter_(1, group_idx[:, :, None], True)
-        topk_w, topk_idx = grouped.masked_fill(~keep, 0.0).view(n, -1).topk(gate.top_k, dim=-1, sorted=False)
-    else:
-        topk_w, topk_idx = scores.topk(gate.top_k, dim=-1, sorted=False)
-    if gate.norm_topk_prob and gate.top_k > 1:
-        topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
-    else:
-        topk_w = topk_w * gate.routed_scaling_factor
-    return topk_idx, topk_w
 
 
 def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +142,7 @@ class FastDecoder:
         return _linear(attn.o_proj, out.reshape(B, H * self.dv))
 
     def _moe(self, moe: MoE, experts, x: torch.Tensor) -> torch.Tensor:
-        topk_idx, topk_w = _route(moe.gate, x) if type(moe.gate) is MoEGate else moe.gate(x)[1:]
+        _, topk_idx, topk_w = moe.gate(x)
         y = None
         if experts is not None and x.shape[0] == 1:
             y = self._one_token(moe.experts.inter, experts, x, topk_idx, topk_w)

@@ -50,11 +50,11 @@ class MoEGate(nn.Module):
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         if self.method == "group_limited_greedy":
             n = scores.shape[0]
-            group_scores = scores.view(n, self.n_group, -1).amax(dim=-1)  # [N, G]: best expert of each group
-            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-            expert_mask = group_mask.repeat_interleave(scores.shape[1] // self.n_group, dim=1)
-            topk_w, topk_idx = scores.masked_fill(~expert_mask, 0.0).topk(self.top_k, dim=-1, sorted=False)
+            grouped = scores.view(n, self.n_group, -1)  # [N, G, E/G]
+            group_idx = grouped.amax(dim=-1).topk(self.topk_group, dim=-1, sorted=False).indices  # best expert/group
+            keep = torch.zeros(n, self.n_group, 1, dtype=torch.bool, device=scores.device)
+            keep.scatter_(1, group_idx[:, :, None], True)  # broadcast over the group's experts, no per-expert mask
+            topk_w, topk_idx = grouped.masked_fill(~keep, 0.0).view(n, -1).topk(self.top_k, dim=-1, sorted=False)
         else:
             topk_w, topk_idx = scores.topk(self.top_k, dim=-1, sorted=False)
         if self.norm_topk_prob and self.top_k > 1:
