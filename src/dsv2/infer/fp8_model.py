@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from dsv2.infer.quant import BLOCK, FP8_DTYPE, FP8Linear, dequantize_fp8_blockwise, quantize_fp8_blockwise
+from dsv2.infer.quant import (BLOCK, FP8_DTYPE, FP8Linear, apply_keeping_dtype, dequantize_fp8_blockwise,
+                               quantize_fp8_blockwise)
 from dsv2.model.moe import RoutedExperts
 
 SCALE = "_scale_inv"
@@ -57,18 +58,8 @@ class FP8RoutedExperts(RoutedExperts):
         return mod
 
     def _apply(self, fn, recurse=True):
-        # as FP8Linear._apply: .to(dtype) must not cast the FP8 stacks or round their scales; they move between
-        # devices as integer views
-        names = ("w13", "w13_scale_inv", "w2", "w2_scale_inv")
-        stored = {n: self._buffers.pop(n) for n in names}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._buffers.update(stored)
-        carrier = {FP8_DTYPE: torch.uint8, torch.float32: torch.int32}
-        for n, t in stored.items():
-            self._buffers[n] = fn(t.view(carrier[t.dtype])).view(t.dtype)
-        return self
+        # .to(dtype) must not cast the FP8 stacks or round their scales
+        return apply_keeping_dtype(self, super()._apply, fn, recurse, ("w13", "w13_scale_inv", "w2", "w2_scale_inv"))
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized stacks of the experts in self._active (all experts if None)."""

@@ -111,6 +111,24 @@ def dequantize_fp8_blockwise(
     return _from_blocks(wb, rows, cols).to(dtype)
 
 
+
+def apply_keeping_dtype(module: nn.Module, base_apply, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
+    """nn.Module._apply for modules holding quantized buffers `names` (fp8 weights, float32 scales).
+
+    nn.Module.to(dtype) / .half() / .bfloat16() cast every floating-point tensor, float8 included: that would
+    silently store the weight in bf16 (twice the memory) and round the scales. The quantized buffers are passed
+    through fn as integer views, so they move between devices but keep their dtype.
+    """
+    stored = {name: module._buffers.pop(name) for name in names}
+    try:
+        base_apply(fn, recurse)
+    finally:
+        module._buffers.update(stored)
+    carrier = {FP8_DTYPE: torch.uint8, torch.float32: torch.int32}
+    for name, t in stored.items():
+        module._buffers[name] = fn(t.view(carrier[t.dtype])).view(t.dtype)
+    return module
+
 class FP8Linear(nn.Module):
     """y = x @ W^T (+ bias) with W held as FP8 blocks plus float32 scales; no full-precision copy is kept.
 
@@ -202,18 +220,7 @@ class FP8Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype) / .half() / .bfloat16() cast every floating-point tensor, float8 included: that
-        # would silently store the weight in bf16 (twice the memory) and round the scales. The quantized
-        # buffers are passed through fn as integer views, so they move between devices but keep their dtype.
-        stored = {name: self._buffers.pop(name) for name in ("weight", "weight_scale_inv")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._buffers.update(stored)
-        carrier = {FP8_DTYPE: torch.uint8, torch.float32: torch.int32}
-        for name, t in stored.items():
-            self._buffers[name] = fn(t.view(carrier[t.dtype])).view(t.dtype)
-        return self
+        return apply_keeping_dtype(self, super()._apply, fn, recurse, ("weight", "weight_scale_inv"))
 
     def extra_repr(self) -> str:
         return (
