@@ -224,7 +224,8 @@ class _Run:
         local = x.shape[0]
         chunks = list(zip(x.split(self.r.micro_batch_size or local), y.split(self.r.micro_batch_size or local)))
         stats = torch.zeros(5, dtype=torch.float64, device=self.device)
-        load = torch.zeros_like(self.load_window)
+        # accumulated on the device: no host sync per micro-batch (the step's one all-reduce brings it back)
+        load = torch.zeros(self.load_window.shape, dtype=torch.float64, device=self.device)
         for i, (xc, yc) in enumerate(chunks):
             share = xc.shape[0] / local
             with parallel.grad_sync(self.model, i == len(chunks) - 1):
@@ -235,7 +236,7 @@ class _Run:
                 (loss * share).backward()
             stats += share * torch.stack([loss, lm, bal["expert"], bal["device"], bal["comm"]]).detach().double()
             if load.numel():
-                load += self.raw.expert_load().cpu().double()
+                load += self.raw.expert_load()
         return stats, load
 
     @torch.no_grad()
