@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_model
+from infer_models import tiny_model
 
 from dsv2 import generate
 from dsv2.infer.engine import Engine, EngineLoop, QueueFull, SamplingParams

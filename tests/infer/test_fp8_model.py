@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import byte_prompts, tiny_model
+from infer_models import byte_prompts, tiny_model
 from safetensors import safe_open
 
 from dsv2 import load_checkpoint, save_checkpoint

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import byte_prompts, train_bytes_model
+from infer_models import byte_prompts, train_bytes_model
 
 from dsv2.infer.fp8_model import convert_model_fp8
 from dsv2.infer.paged import logits_through_pool
