@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv2.config import ModelConfig
@@ -176,7 +176,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, Exception) as e:  # truncated or not a safetensors file
+    except Exception as e:  # SafetensorError, OSError...: truncated or not a safetensors file
         raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
 
 
@@ -241,8 +241,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
     state = {}
     for name, meta in expected.items():
         parts = [read(k) for k in sources[name]]
-        if _EXPERT.match(name) and len(parts) > 1:
-            per = 2 if _EXPERT.match(name).group(2) == "w13" else 1
+        expert = _EXPERT.match(name)
+        if expert and len(parts) > 1:  # per-expert tensors -> one stack
+            per = 2 if expert.group(2) == "w13" else 1
             want = meta.shape[1:] if per == 1 else (meta.shape[1] // 2, meta.shape[2])
             for k, t in zip(_hf_names(name, cfg.n_routed_experts), parts):
                 if tuple(t.shape) != tuple(want):
