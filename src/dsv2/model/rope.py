@@ -5,10 +5,21 @@ slice then uses rotate-half; the dot products are identical). YaRN mixes interpo
 frequencies with a linear ramp over the correction range, scales cos/sin by
 mscale(factor, mscale) / mscale(factor, mscale_all_dim) and the softmax scale by mscale(factor, mscale_all_dim)^2.
 
+We follow DeepSeek-V2's reference code (`modeling_deepseek.py`, DeepseekV2YarnRotaryEmbedding and
+DeepseekV2Attention), which defines the published checkpoints, including where it is surprising:
+- Missing keys take the reference's defaults: mscale 1, mscale_all_dim 0, beta_fast 32, beta_slow 1,
+  original_max_position_embeddings 4096. An explicit `mscale: 0` stays 0 (mscale(factor, 0) = 1), it does not
+  fall back to 1. A key present with value null counts as missing (the reference would crash on it).
+- The softmax mscale^2 applies whenever rope_scaling is set and has a non-zero mscale_all_dim, whatever its
+  type (the reference checks `rope_scaling is not None`, not the type); the frequencies change only under yarn.
+- The ramp's upper correction dim is clamped to d - 1 (the full rope dim), not d/2 - 1, as in the reference.
+- DeepSeek-V3's inference/model.py applies YaRN only when max_seq_len > original_seq_len and has a single mscale;
+  V2's checkpoints follow modeling_deepseek.py, which applies it whenever rope_scaling says yarn. So do we.
+
 Deviation of transformers 4.57 (our test oracle): it applies only the cos/sin factor, not the softmax mscale^2
 (transformers 5.24 applies both and matches us without a patch).
-DeepSeek's published checkpoints were trained with both, so we apply both (see `softmax_scale`, tested against
-the formula in tests/test_rope.py).
+DeepSeek's published checkpoints were trained with both, so we apply both (see `softmax_scale`; tests/test_rope.py
+checks all of this against an independent formulation).
 """
 
 from __future__ import annotations
@@ -33,6 +44,11 @@ def _yarn_params(cfg: ModelConfig) -> dict | None:
     return rs
 
 
+def _mscale_arg(rs: dict, key: str, default: float) -> float:
+    v = rs.get(key)
+    return default if v is None else float(v)
+
+
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
     return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
@@ -55,17 +71,21 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         high += 0.001
     ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     inv_freq = freq_inter * ramp + freq_extra * (1 - ramp)
-    m = yarn_get_mscale(factor, rs.get("mscale", 1) or 1) / yarn_get_mscale(factor, rs.get("mscale_all_dim", 0) or 0)
+    m = (yarn_get_mscale(factor, _mscale_arg(rs, "mscale", 1.0))
+         / yarn_get_mscale(factor, _mscale_arg(rs, "mscale_all_dim", 0.0)))
     return inv_freq, m
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """(qk_nope + qk_rope)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN."""
+    """(qk_nope + qk_rope)^-0.5, times mscale(factor, mscale_all_dim)^2 whenever rope_scaling has a non-zero
+    mscale_all_dim (any rope_scaling type, as DeepSeek's reference does)."""
     scale = cfg.qk_head_dim ** -0.5
-    rs = _yarn_params(cfg)
-    if rs is not None:
-        m = yarn_get_mscale(float(rs["factor"]), rs.get("mscale_all_dim", 0) or 0)
-        scale *= m * m
+    rs = cfg.rope_scaling
+    if rs:
+        mscale_all_dim = _mscale_arg(rs, "mscale_all_dim", 0.0)
+        if mscale_all_dim:
+            m = yarn_get_mscale(float(rs.get("factor") or 1.0), mscale_all_dim)
+            scale *= m * m
     return scale
 
 
