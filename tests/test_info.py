@@ -2,16 +2,38 @@
 
 import json
 
+import pytest
+
 from dsv2.cli import main
 from dsv2.config import ModelConfig
-from dsv2.info import kv_cache_table
-from dsv2.model import count_parameters
+from dsv2.info import kv_cache_table, parameter_counts
+
+# (preset, paper's total, paper's activated, tolerance in billions): DeepSeek-V2 "236B total, 21B activated";
+# DeepSeek-V2-Lite "15.7B total, 2.4B activated". The paper leaves out the embedding lookup.
+PAPER = [("v2", 236, 21, 0.5), ("v2-lite", 15.7, 2.4, 0.06)]
 
 
-def test_v2_parameter_counts():
-    c = count_parameters(ModelConfig.from_preset("v2"))
-    assert round(c["total"] / 1e9, 2) == 235.74
-    assert 20.5e9 < c["activated"] < 22e9  # the paper's "21B activated"
+@pytest.mark.parametrize("preset,total,activated,tol", PAPER)
+def test_parameter_counts_match_the_paper(preset, total, activated, tol):
+    c = parameter_counts(ModelConfig.from_preset(preset))
+    assert abs(c["total"] / 1e9 - total) < tol
+    assert abs(c["activated_excluding_embedding"] / 1e9 - activated) < tol
+    # the other convention is the same count plus the embedding table, and misses the paper's figure for V2-Lite
+    assert c["activated_including_embedding"] - c["activated_excluding_embedding"] == c["embedding"] > 0
+    if preset == "v2-lite":
+        assert abs(c["activated_including_embedding"] / 1e9 - activated) > tol  # 2.66B, the old headline
+
+
+def test_exact_v2_counts():
+    c = parameter_counts(ModelConfig.from_preset("v2"))
+    assert (c["total"], c["activated_excluding_embedding"], c["activated_including_embedding"]) == (
+        235_741_434_880, 20_851_512_320, 21_375_800_320)
+
+
+def test_tied_embeddings_stay_in_the_activated_count():
+    c = parameter_counts(ModelConfig.from_preset("tiny", tie_word_embeddings=True))
+    assert c["lm_head"] == 0
+    assert c["activated_excluding_embedding"] == c["activated_including_embedding"]
 
 
 def test_v2_kv_cache_table_matches_paper():
@@ -23,9 +45,12 @@ def test_v2_kv_cache_table_matches_paper():
 
 
 def test_info_cli_table_and_json(capsys):
-    assert main(["info", "--preset", "v2"]) == 0
+    assert main(["info", "--preset", "v2-lite"]) == 0
     out = capsys.readouterr().out
-    assert "235.74B total" in out and "MLA (dsv2)" in out
-    assert main(["info", "--preset", "tiny", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["parameters"]["total"] == count_parameters(ModelConfig.from_preset("tiny"))["total"]
+    assert "15.71B total, 2.45B activated per token (the paper's convention" in out
+    assert "2.66B activated with the embedding table" in out and "MLA (dsv2)" in out
+    assert main(["info", "--preset", "v2", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["parameters"]
+    assert "activated" not in p  # no key that leaves the convention open
+    assert (p["total"], p["activated_excluding_embedding"], p["activated_including_embedding"]) == (
+        235_741_434_880, 20_851_512_320, 21_375_800_320)

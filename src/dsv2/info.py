@@ -1,9 +1,12 @@
 """`dsv2 info`: parameter counts (total and activated per token) and the paper's KV-cache table.
 
-    dsv2 info --preset v2            # 235.74B total, 21.38B activated
+    dsv2 info --preset v2            # 235.74B total, 20.85B activated (21.38B with the embedding table)
     dsv2 info --model ckpt/ --json
 
-Everything is computed on the meta device, so the full V2 needs no memory.
+Activated parameters follow the paper's convention (V2 "21B", V2-Lite "2.4B"): the embedding table is left out,
+since a token only looks up one row of it. The count with the table is reported too, labelled. With tied
+embeddings the table is also the output projection, so it stays in. Everything is computed on the meta device,
+so the full V2 needs no memory.
 """
 
 from __future__ import annotations
@@ -33,9 +36,18 @@ def kv_cache_table(cfg: ModelConfig, gqa_groups: int = 8) -> list[dict]:
              "relative_to_mla": per_layer / mla} for name, per_layer in rows]
 
 
+def parameter_counts(cfg: ModelConfig) -> dict:
+    """count_parameters with both activated conventions under explicit names (no bare "activated")."""
+    counts = dict(count_parameters(cfg))
+    with_embedding = counts.pop("activated")
+    tied = counts["lm_head"] == 0  # the table is the output projection too: every token uses all of it
+    return {"total": counts.pop("total"),
+            "activated_excluding_embedding": with_embedding if tied else with_embedding - counts["embedding"],
+            "activated_including_embedding": with_embedding, **counts}
+
+
 def model_info(cfg: ModelConfig) -> dict:
-    counts = count_parameters(cfg)
-    return {"config": cfg.to_hf(), "parameters": counts, "kv_cache": kv_cache_table(cfg)}
+    return {"config": cfg.to_hf(), "parameters": parameter_counts(cfg), "kv_cache": kv_cache_table(cfg)}
 
 
 def _human(n: float) -> str:
@@ -50,8 +62,10 @@ def format_info(info: dict, name: str) -> str:
     c = info["config"]
     lines = [
         f"model            {name}",
-        f"parameters       {_human(p['total'])} total, {_human(p['activated'])} activated per token "
-        f"({p['total']:,} / {p['activated']:,})",
+        f"parameters       {_human(p['total'])} total, {_human(p['activated_excluding_embedding'])} activated per "
+        "token (the paper's convention: without the embedding table)",
+        f"                 {_human(p['activated_including_embedding'])} activated with the embedding table "
+        f"(exact: {p['total']:,} / {p['activated_excluding_embedding']:,} / {p['activated_including_embedding']:,})",
         f"shape            {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads, "
         f"vocab {c['vocab_size']}",
         f"MLA              q_lora {c['q_lora_rank']}, kv_lora {c['kv_lora_rank']}, qk_nope {c['qk_nope_head_dim']}, "
