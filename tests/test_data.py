@@ -5,6 +5,8 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa  # a declared dependency (parquet corpora): its absence must fail, not skip
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -83,8 +85,6 @@ def test_find_files_errors(corpus, tmp_path):
 
 
 def test_jsonl_and_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     rows = [{"text": "one", "body": "uno"}, {"text": "two 二", "body": "dos"}, {"text": None, "body": ""}]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
     pq.write_table(pa.table({"text": ["three", "four 🤖", None], "n": [1, 2, 3]}), tmp_path / "b.parquet")

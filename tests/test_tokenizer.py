@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import transformers  # a declared dev dependency: its absence must fail, not skip
 
 from dsv2.tokenizer import (
     BOS_TOKEN,
@@ -56,7 +57,6 @@ def saved(tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(saved):
-    transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(saved))
 
 
