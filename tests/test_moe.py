@@ -81,7 +81,7 @@ def test_grouped_mm_and_loop_agree_forward_and_backward():
     x = torch.randn(3, 7, 32, requires_grad=True)
     outs, grads = [], []
     for grouped in (True, False):
-        moe.experts.use_grouped_mm = grouped
+        moe.experts.impl = "grouped" if grouped else "loop"
         moe.zero_grad()
         x.grad = None
         y = moe(x)

@@ -120,10 +120,12 @@ def test_stop_conditions(model, prompts, alone):
 def test_seeded_sampling_is_reproducible_alone_or_batched(model, prompts):
     engine = Engine(model, num_blocks=64, eos_token_id=None)
     sp = dict(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50)
-    alone = engine.generate([prompts[0]], SamplingParams(seed=7, **sp))[0].token_ids
-    batched = engine.generate(prompts[:3], [SamplingParams(seed=s, **sp) for s in (7, 8, 9)])
-    assert batched[0].token_ids == alone
-    assert batched[1].token_ids != alone
+    seeds = (7, 8, 9)
+    alone = [engine.generate([p], SamplingParams(seed=s, **sp))[0].token_ids for p, s in zip(prompts, seeds)]
+    batched = engine.generate(prompts[:3], [SamplingParams(seed=s, **sp) for s in seeds])
+    assert [b.token_ids for b in batched] == alone  # each row draws from its own seeded generator
+    other = engine.generate([prompts[0]], SamplingParams(seed=8, **sp))[0].token_ids
+    assert other != alone[0]  # the same prompt with another seed samples differently: the seed is used
     greedy = engine.generate([prompts[0]], SamplingParams(max_tokens=10))[0].token_ids
     cold = engine.generate([prompts[0]], SamplingParams(max_tokens=10, temperature=1.0, top_k=1, seed=3))[0]
     assert cold.token_ids == greedy  # top_k 1 is greedy

@@ -28,11 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv2.infer.decode import FastDecoder
 from dsv2.infer.paged import PagedBatch, PagedLatentPool
 from dsv2.infer.sampling import sample_next
 from dsv2.model import DeepseekV2
-from dsv2.model.moe import RoutedExperts
 
 log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
@@ -112,10 +110,10 @@ class Engine:
     """Continuous-batching generation for one DeepseekV2 model on one device.
 
     kv_cache_memory: bytes (int or "512MB") for the block pool; or give num_blocks. kv_cache_dtype: None (the
-    model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales). fast_decode: decode
-    steps run dsv2.infer.decode.FastDecoder (False: the model's general forward; they agree to float rounding).
-    compile: torch.compile the model's decode forward instead (off by default: eager is the CPU path; on CUDA this
-    also captures CUDA graphs). eos_token_id: -1 takes the config's, None never stops on eos.
+    model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales). Prefill and decode
+    both run the model's own forward (absorbed MLA over the blocks for decode and chunked prefill). compile:
+    torch.compile that forward for decode steps (off by default: eager is the CPU path; on CUDA this also captures
+    CUDA graphs); a string names the torch.compile backend instead of inductor (e.g. "aot_eager"). eos_token_id: -1 takes the config's, None never stops on eos.
     admission: "optimistic" admits a request when its prompt fits (blocks for its output are taken as it grows,
     preempting the newest request when the pool runs dry: best memory use when outputs end early);
     "reserve" admits it only when prompt + max_tokens fit beside what the running requests may still need
@@ -125,8 +123,7 @@ class Engine:
     def __init__(self, model: DeepseekV2, kv_cache_memory: int | str | None = "1GB", *, num_blocks: int | None = None,
                  block_size: int = 16, kv_cache_dtype: str | None = None, max_batch_size: int = 64,
                  prefill_chunk: int = 512, max_waiting: int = 256, max_model_len: int | None = None,
-                 eos_token_id: int | None = -1, compile: bool = False, fast_decode: bool = True,
-                 admission: str = "optimistic"):
+                 eos_token_id: int | None = -1, compile: bool | str = False, admission: str = "optimistic"):
         self.model = model.eval()
         cfg = model.config
         p = model.lm_head.weight
@@ -152,15 +149,11 @@ class Engine:
         self._watermark = max(1, self.pool.num_blocks // 100)  # headroom kept when admitting, against thrashing
         self.num_preemptions = self.num_aborted = 0
         self._decode_model = model
-        self._fast = FastDecoder(model) if fast_decode and not compile and FastDecoder.supports(model) else None
         if compile:  # the decode step only (shapes vary less); CUDA graphs on GPU via "reduce-overhead"
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            for m in model.modules():
-                # torch 2.13 has no fp32 fake kernel for _grouped_mm, so dynamo cannot trace the experts: they
-                # stay eager (a graph break per MoE layer)
-                if isinstance(m, RoutedExperts) and not hasattr(m.forward, "_torchdynamo_disable"):
-                    m.forward = torch.compiler.disable(m.forward)
-            self._decode_model = torch.compile(model, dynamic=True, mode=mode)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self._decode_model = torch.compile(model, dynamic=True, mode=mode if backend == "inductor" else None,
+                                               backend=backend)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
@@ -307,11 +300,9 @@ class Engine:
         """Run rows through the model over their blocks; logits [B, V] at each row's last new token."""
         batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
         if ids.shape[1] == 1:
-            if self._fast is not None:
-                return self._fast(ids[:, 0], batch)
             return self._decode_model(ids, cache=batch)[:, 0]
-        lengths = torch.tensor(n_new, device=self.device)
-        return self.model(ids, cache=batch, input_lengths=lengths, output_positions=lengths - 1)
+        last = torch.tensor([n - 1 for n in n_new], device=self.device)
+        return self.model(ids, cache=batch, input_lengths=n_new, output_positions=last)
 
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         ps = [r.params for r in reqs]

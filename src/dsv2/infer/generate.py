@@ -25,22 +25,20 @@ def generate(model: DeepseekV2, prompts: list[list[int]], max_new_tokens: int, t
         return [[] for _ in prompts]
     device = model.lm_head.weight.device
     B = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    cache = model.new_cache(B, int(lengths.max()) + max_new_tokens)
+    lengths = [len(p) for p in prompts]
+    ids = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts], dtype=torch.long, device=device)
+    cache = model.new_cache(B, max(lengths) + max_new_tokens)
     gen = None
     if seed is not None:
         gen = [torch.Generator(device=device).manual_seed(seed + b) for b in range(B)]
 
-    logits = model(ids, cache=cache, input_lengths=lengths, output_positions=lengths - 1)  # [B, V]
+    last = torch.tensor([n - 1 for n in lengths], device=device)
+    logits = model(ids, cache=cache, input_lengths=lengths, output_positions=last)  # [B, V]
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_out = torch.full((B,), max_new_tokens, device=device)
-    ones = torch.ones(B, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, gen)
+        tok = logits.argmax(dim=-1) if temperature <= 0 else sample_next(logits, temperature, top_k, top_p, gen)
         out[:, step] = tok
         if eos_token_id is not None:
             hit = (tok == eos_token_id) & ~done
@@ -49,5 +47,5 @@ def generate(model: DeepseekV2, prompts: list[list[int]], max_new_tokens: int, t
             if bool(done.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits = model(tok[:, None], cache=cache, input_lengths=ones, output_positions=ones * 0)
+            logits = model(tok[:, None], cache=cache)[:, 0]
     return [out[b, : int(n_out[b])].tolist() for b in range(B)]

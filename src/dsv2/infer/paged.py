@@ -23,9 +23,10 @@ import math
 
 import torch
 
-from dsv2.checkpoint import parse_size
 from dsv2.config import ModelConfig
-from dsv2.infer.quant import FP8_DTYPE, KV_CACHE_KINDS, dequantize_kv, quantize_kv
+from dsv2.infer.quant import KV_CACHE_KINDS, dequantize_kv, quantize_kv
+from dsv2.model.fp8 import FP8_DTYPE
+from dsv2.utils import parse_size
 
 _STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": FP8_DTYPE,
             "int8": torch.int8}
@@ -98,24 +99,24 @@ class PagedLatentPool:
         return self.block_size * kv_bytes_per_token(self.cfg, self.kv_dtype, self.dtype)
 
     # ---- data ----------------------------------------------------------------------------------------------
-    def write(self, layer: int, slots: torch.Tensor, kv_latent: torch.Tensor, rope_key: torch.Tensor) -> None:
-        """slots [N] (the spare slot for padding), kv_latent [N, r], rope_key [N, dr]."""
+    def write(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """slots [N] (the spare slot for padding), rows [N, r + dr] (c_KV ; k_rope)."""
         if self.quantized:
-            q_kv, s_kv = quantize_kv(kv_latent, self.kv_dtype)
-            q_pe, s_pe = quantize_kv(rope_key, self.kv_dtype)
+            q_kv, s_kv = quantize_kv(rows[:, : self.r], self.kv_dtype)
+            q_pe, s_pe = quantize_kv(rows[:, self.r:], self.kv_dtype)
             rows = torch.cat([q_kv, q_pe], dim=-1)
             self.scales[layer].index_copy_(0, slots, torch.cat([s_kv, s_pe], dim=-1))
-        else:
-            rows = torch.cat([kv_latent, rope_key], dim=-1)
         # fp8 has no CPU index_copy kernel: copy its bytes; the spare slot may take several rows (any one wins)
         store = self.cache[layer]
         if store.dtype == FP8_DTYPE:
             store, rows = store.view(torch.uint8), rows.view(torch.uint8)
-        store.index_copy_(0, slots, rows.to(store.dtype))
+        store.index_copy_(0, slots, rows if rows.dtype == store.dtype else rows.to(store.dtype))
 
-    def read(self, layer: int, block_tables: torch.Tensor, n_keys: int) -> torch.Tensor:
+    def read(self, layer: int, block_tables: torch.Tensor, n_keys: int, dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
         """The first n_keys token rows of each row's blocks: block_tables [B, nb] -> [B, n_keys, r + dr] (latent ;
-        RoPE key) in the compute dtype."""
+        RoPE key) in `dtype` (default: the pool's compute dtype)."""
+        dtype = dtype or self.dtype
         B, nb = block_tables.shape
         flat = block_tables.flatten()
         store = self.cache[layer].view(self.num_blocks + 1, -1)  # one row of block_size * (r + dr) per block
@@ -127,17 +128,18 @@ class PagedLatentPool:
         if self.quantized:
             s = self.scales[layer].view(self.num_blocks + 1, -1).index_select(0, flat)
             s = s.view(B, nb * self.block_size, 2)[:, :n_keys]
-            return torch.cat([dequantize_kv(rows[..., : self.r], s[..., :1], self.dtype),
-                              dequantize_kv(rows[..., self.r:], s[..., 1:], self.dtype)], dim=-1)
-        return rows if rows.dtype == self.dtype else rows.to(self.dtype)
+            return torch.cat([dequantize_kv(rows[..., : self.r], s[..., :1], dtype),
+                              dequantize_kv(rows[..., self.r:], s[..., 1:], dtype)], dim=-1)
+        return rows if rows.dtype == dtype else rows.to(dtype)
 
 
 class PagedBatch:
-    """The cache one forward sees: rows = the requests being run, each with its block table and cached length.
+    """The cache one forward sees (a `dsv2.model.attention.LatentKVCache`): rows = the requests being run, each
+    with its block table and cached length.
 
     block_tables [B, max_blocks] (rows padded with block 0; reads past a row's length are masked out by the
-    attention), lengths [B] tokens already cached. `lengths_host` is the same on the host, so the step's bounds
-    need no device sync.
+    attention), lengths [B] tokens already cached, `lengths_host` the same on the host, so the step's bounds need
+    no device sync.
     """
 
     def __init__(self, pool: PagedLatentPool, block_tables: list[list[int]], lengths: list[int]):
@@ -148,30 +150,25 @@ class PagedBatch:
         self.lengths_host = list(lengths)
         self.lengths = torch.tensor(lengths, device=dev)
         self.max_len = width * pool.block_size
-        self._ctx = None  # the StepContext whose slots are computed below (shared by all layers)
 
     @property
     def batch_size(self) -> int:
         return len(self.lengths_host)
 
-    def _slots(self, ctx) -> None:
-        bs = self.pool.block_size
-        pos = ctx.positions  # [B, T]
-        blk = self.block_tables.gather(1, (pos // bs).clamp(max=self.block_tables.shape[1] - 1))
-        write = blk * bs + pos % bs
-        self._write = torch.where(ctx.valid, write, self.pool.spare_slot).flatten()  # [B*T]
-        self._ctx = ctx
+    def update(self, layer: int, rows: torch.Tensor, ctx, dtype: torch.dtype) -> torch.Tensor:
+        """Write this step's rows [B, T, r + dr]; return every row's first ctx.kv_len cached rows [B, S, r + dr]."""
+        if ctx.slots is None:  # once per forward: the flat slot of every new token (padding -> the spare slot)
+            bs = self.pool.block_size
+            pos = ctx.positions  # [B, T]
+            blk = self.block_tables.gather(1, (pos // bs).clamp(max=self.block_tables.shape[1] - 1))
+            slots = blk * bs + pos % bs
+            ctx.slots = (slots if ctx.valid is None else torch.where(ctx.valid, slots, self.pool.spare_slot)).flatten()
+        self.pool.write(layer, ctx.slots, rows.flatten(0, 1))
+        return self.pool.read(layer, self.block_tables, ctx.kv_len, dtype)
 
-    def update(self, layer: int, kv_latent: torch.Tensor, rope_key: torch.Tensor, ctx):
-        """Write this step's latents [B, T, r] and RoPE keys [B, T, dr]; return the rows' first ctx.kv_len slots."""
-        if self._ctx is not ctx:
-            self._slots(ctx)
-        self.pool.write(layer, self._write, kv_latent.flatten(0, 1), rope_key.flatten(0, 1))
-        rows = self.pool.read(layer, self.block_tables, ctx.kv_len)  # [B, S, r + dr]
-        return rows[..., : self.pool.r], rows[..., self.pool.r:]
-
-    def advance(self, n_new: torch.Tensor) -> None:
-        self.lengths = self.lengths + n_new
+    def advance(self, n_new: list[int]) -> None:
+        self.lengths_host = [a + b for a, b in zip(self.lengths_host, n_new)]
+        self.lengths = self.lengths + torch.tensor(n_new, device=self.lengths.device)
 
 
 @torch.inference_mode()

@@ -1,20 +1,29 @@
-"""Multi-head Latent Attention (MLA) and the latent KV cache.
+"""Multi-head Latent Attention (MLA), the per-forward step context, and the latent KV cache contract.
 
 Per token, MLA caches only the normalised KV latent c_KV [kv_lora_rank] and the shared, already-rotated RoPE key
-[qk_rope_head_dim]. Two equivalent paths compute attention (DeepSeek's `attn_impl = "naive" | "absorb"`):
+[qk_rope_head_dim], side by side in one row [c_KV ; k_rope]. Two equivalent paths compute attention (DeepSeek's
+`attn_impl = "naive" | "absorb"`), switched by `impl`:
 
 - naive: up-project the latents with W_UKV (`kv_b_proj`) into per-head K/V and run SDPA. Cheapest when every key
   is new (training, prefill of an empty cache).
-- absorb: fold W_UK into the query and W_UV into the output, so scores and the weighted sum are taken directly
-  against the cached latents; per-head K/V never exist. Cheapest for decode and chunked prefill.
+- absorb: fold W_UK into the query and W_UV into the output, so [q_latent ; q_rope] is scored against the cached
+  [c_KV ; k_rope] rows with one matmul and the weighted sum is taken over the latents; per-head K/V never exist.
+  Cheapest for decode and chunked prefill. The absorbed weights are views of kv_b_proj's weight, prepared once
+  (FP8 weights are dequantized per call, into the compute dtype).
 
-Positions are per sequence: sequence b's new tokens sit at cache.lengths[b] + t, so batches of prompts with
-different lengths are right-padded and need no position shifting.
+Everything that is the same for all layers of one forward (positions, RoPE factors, the key mask, where the
+cache writes go) is computed once, in `StepContext`, by the model's forward. Positions are per sequence:
+sequence b's new tokens sit at cache.lengths[b] + t, so batches of prompts with different lengths are
+right-padded and need no position shifting.
+
+Any object meeting `LatentKVCache` can be the cache: the dense `LatentCache` here (`dsv2.generate`) and the
+serving engine's paged pool (`dsv2.infer.paged.PagedBatch`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +31,8 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.rope import apply_rope, softmax_scale
+
+LATENT_NORM_EPS = 1e-6  # DeepSeek's reference normalises the q/kv latents with a fixed eps, not rms_norm_eps
 
 
 class RMSNorm(nn.Module):
@@ -32,58 +43,113 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32, cast back, then scale (same order as DeepSeek's reference and transformers)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, weight inside
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 @dataclass
 class StepContext:
-    """Where this forward's tokens go. positions/valid: [B, T]; kv_len: keys to attend over (max end)."""
+    """What one forward's layers share. positions [B, T]; cos/sin [B or 1, T, dr/2] (YaRN mscale included).
+
+    With a cache: valid [B, T] (None: no padding), n_new the rows' new token counts, kv_len keys attended over (the longest row's end), fresh
+    (nothing was cached before this step). drop_exempt [B]: sequences token dropping never touches (drawn once
+    per training forward, the same in every MoE layer). Per-forward values derived on first use are memoised
+    (`attn_bias`, and whatever the cache stores in `slots`).
+    """
 
     positions: torch.Tensor
-    valid: torch.Tensor
-    kv_len: int
-    fresh: bool  # every sequence starts at position 0 (nothing cached before this step)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    valid: torch.Tensor | None = None
+    n_new: list[int] | None = None  # new tokens per row (input_lengths)
+    kv_len: int = 0
+    fresh: bool = True
+    uniform: bool = True  # every row has the same number of cached keys before this step
+    drop_exempt: torch.Tensor | None = None
+    slots: object = None
+    _bias: torch.Tensor | None = None
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive key mask [B, T, S] (0 or -inf), key j visible to the query at position p iff j <= p; None when
+        a single new token per row sees every key (rows of one length)."""
+        T = self.positions.shape[1]
+        if T == 1 and self.uniform:
+            return None
+        if self._bias is None or self._bias.dtype != dtype:
+            keys = torch.arange(self.kv_len, device=self.positions.device)
+            hidden = keys[None, None, :] > self.positions[:, :, None]
+            self._bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden,
+                                                                                                   float("-inf"))
+        return self._bias
+
+
+class LatentKVCache(Protocol):
+    """The cache contract the model's forward runs over (met by LatentCache and dsv2.infer.paged.PagedBatch).
+
+    `update` writes this forward's rows [B, T, r + dr] (c_KV ; k_rope) for one layer at ctx.positions (padding,
+    where ctx.valid is False, must not land in a real slot) and returns every row's first ctx.kv_len cached rows
+    [B, S, r + dr] in `dtype`. `advance` adds the new tokens to the lengths once all layers ran.
+    """
+
+    lengths: torch.Tensor  # [B] tokens cached per row, on the model's device
+    lengths_host: list[int]  # the same on the host: the step's bounds need no device sync
+    max_len: int
+
+    def update(self, layer: int, rows: torch.Tensor, ctx: StepContext, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def advance(self, n_new: list[int]) -> None: ...
 
 
 class LatentCache:
-    """A dense latent cache for a fixed batch: per layer `[B, max_len, kv_lora_rank]` + `[B, max_len, rope_dim]`.
+    """A dense latent cache for a fixed batch: per layer `[B, max_len + 1, kv_lora_rank + qk_rope_head_dim]`.
 
     One extra slot per sequence (index max_len) swallows the writes of padding tokens, so writes never need a
-    host sync or a boolean gather. The paged pool of the serving engine implements the same `update` interface.
+    host sync or a boolean gather. Reads are views (no copy).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
-        n = cfg.num_hidden_layers
-        self.max_len = max_len
-        self.kv_latent = torch.zeros(n, batch_size, max_len + 1, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.rope_key = torch.zeros(n, batch_size, max_len + 1, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.max_len, self.r = max_len, cfg.kv_lora_rank
+        self.rows = torch.zeros(cfg.num_hidden_layers, batch_size, max_len + 1, cfg.kv_cache_dim, dtype=dtype,
+                                device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lengths_host = [0] * batch_size
+
+    @property
+    def kv_latent(self) -> torch.Tensor:  # [L, B, max_len + 1, r]
+        return self.rows[..., : self.r]
+
+    @property
+    def rope_key(self) -> torch.Tensor:  # [L, B, max_len + 1, dr]
+        return self.rows[..., self.r:]
 
     @property
     def batch_size(self) -> int:
-        return self.lengths.shape[0]
+        return len(self.lengths_host)
 
     def nbytes(self) -> int:
-        return self.kv_latent.nbytes + self.rope_key.nbytes
+        return self.rows.nbytes
 
-    def update(self, layer: int, kv_latent: torch.Tensor, rope_key: torch.Tensor, ctx: StepContext):
-        """Write this step's [B, T, r] latents and [B, T, dr] rope keys; return views of the first kv_len slots."""
-        pos = torch.where(ctx.valid, ctx.positions, self.max_len)  # padding -> the spare slot
-        b = torch.arange(pos.shape[0], device=pos.device)[:, None]
-        self.kv_latent[layer][b, pos] = kv_latent.to(self.kv_latent.dtype)
-        self.rope_key[layer][b, pos] = rope_key.to(self.rope_key.dtype)
-        return self.kv_latent[layer, :, : ctx.kv_len], self.rope_key[layer, :, : ctx.kv_len]
+    def update(self, layer: int, rows: torch.Tensor, ctx: StepContext, dtype: torch.dtype) -> torch.Tensor:
+        if ctx.slots is None:  # once per forward: (batch index, position), padding -> the spare slot
+            pos = ctx.positions if ctx.valid is None else torch.where(ctx.valid, ctx.positions, self.max_len)
+            ctx.slots = (torch.arange(pos.shape[0], device=pos.device)[:, None], pos)
+        store = self.rows[layer]
+        store[ctx.slots] = rows.to(store.dtype)
+        out = store[:, : ctx.kv_len]
+        return out if out.dtype == dtype else out.to(dtype)
 
-    def advance(self, n_new: torch.Tensor) -> None:
-        self.lengths += n_new
+    def advance(self, n_new: list[int]) -> None:
+        self.lengths_host = [a + b for a, b in zip(self.lengths_host, n_new)]
+        self.lengths = self.lengths + torch.tensor(n_new, device=self.lengths.device)
 
 
-def linear_weight(mod: nn.Module) -> torch.Tensor:
-    """The dense weight of a linear layer, dequantising FP8 block-quantised weights if needed."""
+def linear_weight(mod: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight of a linear layer (in `dtype` if given), dequantising FP8 block-quantised weights."""
     deq = getattr(mod, "dequantized_weight", None)
-    return deq() if callable(deq) else mod.weight
+    if callable(deq):
+        return deq(dtype or torch.bfloat16)
+    return mod.weight if dtype is None else mod.weight.to(dtype)
 
 
 class MLA(nn.Module):
@@ -100,17 +166,18 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
         self.softmax_scale = softmax_scale(cfg)
+        self._absorbed_views: tuple | None = None  # (source weight, W_UK, W_UV^T): views, rebuilt if the weight changes
 
-    def project(self, x, cos, sin):
-        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated), kv_latent [B, T, r]
-        (normalised), rope_key [B, T, dr] (rotated; one key shared by all heads)."""
+    def project(self, x: torch.Tensor, ctx: StepContext):
+        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated), kv_rows [B, T, r + dr]
+        (normalised c_KV ; rotated k_rope, the one RoPE key shared by all heads)."""
         B, T, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -118,57 +185,72 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
         kv_latent, rope_key = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_rope, cos, sin), self.kv_a_layernorm(kv_latent), apply_rope(rope_key, cos, sin)
+        kv_rows = torch.cat([self.kv_a_layernorm(kv_latent), apply_rope(rope_key, ctx.cos, ctx.sin)], dim=-1)
+        return q_nope, apply_rope(q_rope, ctx.cos, ctx.sin), kv_rows
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, ctx: StepContext | None = None,
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: LatentKVCache | None = None,
                 impl: str = "auto") -> torch.Tensor:
-        q_nope, q_rope, kv_latent, rope_key = self.project(x, cos, sin)
+        q_nope, q_rope, kv_rows = self.project(x, ctx)
         if cache is None:
-            out = self._naive(q_nope, q_rope, kv_latent, rope_key, mask=None)
+            out = self._naive(q_nope, q_rope, kv_rows, None, causal=True)
         else:
-            kv_all, pe_all = cache.update(self.layer_idx, kv_latent, rope_key, ctx)
-            if impl == "naive" or (impl == "auto" and ctx.fresh):
-                if ctx.fresh:  # nothing older is cached: attend over this step's tokens, causally
-                    out = self._naive(q_nope, q_rope, kv_latent, rope_key, mask=None)
-                else:
-                    out = self._naive(q_nope, q_rope, kv_all.to(x.dtype), pe_all.to(x.dtype), self._mask(ctx))
+            rows = cache.update(self.layer_idx, kv_rows, ctx, x.dtype)  # [B, S, r + dr]
+            if impl == "absorb" or (impl == "auto" and not ctx.fresh):
+                out = self._absorbed(q_nope, q_rope, rows, ctx.attn_bias(torch.float32))
+            elif ctx.fresh:  # nothing older is cached: attend over this step's tokens, causally
+                out = self._naive(q_nope, q_rope, kv_rows, None, causal=True)
             else:
-                out = self._absorbed(q_nope, q_rope, kv_all.to(x.dtype), pe_all.to(x.dtype), self._mask(ctx))
+                out = self._naive(q_nope, q_rope, rows, ctx.attn_bias(q_nope.dtype), causal=False)
         return self.o_proj(out.flatten(2))
 
-    @staticmethod
-    def _mask(ctx: StepContext) -> torch.Tensor:
-        """[B, T, S] bool: key j is visible to the query at position p iff j <= p."""
-        keys = torch.arange(ctx.kv_len, device=ctx.positions.device)
-        return keys[None, None, :] <= ctx.positions[:, :, None]
-
-    def _naive(self, q_nope, q_rope, kv_latent, rope_key, mask):
-        """Per-head K/V from the latents, then SDPA. mask None means causal over equal-length q and k."""
-        B, S, _ = kv_latent.shape
+    def _naive(self, q_nope, q_rope, kv_rows, bias, causal: bool):
+        """Per-head K/V from the latents, then SDPA: causal over equal-length q and k, or under bias [B, T, S]
+        (None: every key visible)."""
+        B, S, _ = kv_rows.shape
+        kv_latent, rope_key = kv_rows.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(kv_latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, rope_key[:, :, None, :].expand(B, S, self.n_heads, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        if mask is None and self.v_dim < self.qk_dim:
+        if causal and self.v_dim < self.qk_dim:
             # flash kernels (CPU and CUDA) want one head dim for q, k and v: zero-pad v, slice the output.
             # ~1.8x faster than the math fallback for training on CPU.
             v = F.pad(v, (0, self.qk_dim - self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.softmax_scale,
+            attn_mask=None if bias is None else bias[:, None], is_causal=causal, scale=self.softmax_scale,
         )  # [B, H, T, dv or qk_dim]
         return out[..., : self.v_dim].transpose(1, 2)  # [B, T, H, dv]
 
-    def _absorbed(self, q_nope, q_rope, kv_all, pe_all, mask):
-        """Attention against the cached latents: kv_all [B, S, r], pe_all [B, S, dr]."""
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, dn, r] and W_UV^T [H, r, dv] from kv_b_proj: views of a full-precision weight in `dtype` (kept
+        while the weight is the same tensor; a training step updates it in place, so the views follow), or a fresh
+        dequantization of an FP8 one into `dtype` (the compute dtype, so decode equals prefill)."""
+        src = getattr(self.kv_b_proj, "weight", None)
+        cached = None if torch.compiler.is_compiling() else self._absorbed_views  # compiled code: plain views
+        if cached is not None and cached[0] is src and cached[1].dtype == dtype and src.dtype != torch.float8_e4m3fn:
+            return cached[1], cached[2]
+        w = linear_weight(self.kv_b_proj, dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv_t = w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
+        if src is not None and src.dtype == dtype and not torch.compiler.is_compiling():
+            self._absorbed_views = (src, w_uk, w_uv_t)
+        return w_uk, w_uv_t
+
+    def _absorbed(self, q_nope, q_rope, rows, bias):
+        """Attention against the cached rows [B, S, r + dr]; bias [B, T, S] or None."""
         B, T, H, _ = q_nope.shape
-        w = linear_weight(self.kv_b_proj).view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, dn, r], [H, dv, r]
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, r]
-        scores = torch.bmm(q_latent.reshape(B, T * H, -1), kv_all.transpose(1, 2))
-        scores = scores + torch.bmm(q_rope.reshape(B, T * H, -1), pe_all.transpose(1, 2))  # [B, T*H, S]
-        scores = scores.view(B, T, H, -1).float() * self.softmax_scale
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(kv_all.dtype)
-        out_latent = torch.bmm(probs.view(B, T * H, -1), kv_all).view(B, T, H, -1)  # [B, T, H, r]
-        return torch.einsum("bthr,hdr->bthd", out_latent, w_uv.to(out_latent.dtype))  # [B, T, H, dv]
+        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # [H, B*T, r]
+        q_cat = torch.cat([q_latent.transpose(0, 1).reshape(B, T * H, -1), q_rope.reshape(B, T * H, -1)], dim=-1)
+        if T == 1 and bias is not None:  # [B, 1, S] broadcasts over the heads: mask, scale and scores in one op
+            scores = torch.baddbmm(bias.to(rows.dtype), q_cat, rows.transpose(1, 2), alpha=self.softmax_scale)
+        else:
+            scores = torch.bmm(q_cat, rows.transpose(1, 2)).mul_(self.softmax_scale)  # [B, T*H, S]
+            if bias is not None:
+                scores = scores.view(B, T, H, -1).add_(bias[:, :, None].to(scores.dtype)).view(B, T * H, -1)
+        probs = scores.softmax(dim=-1, dtype=torch.float32)
+        if probs.dtype != rows.dtype:
+            probs = probs.to(rows.dtype)
+        out_latent = torch.bmm(probs, rows[..., : self.kv_lora_rank])  # [B, T*H, r]
+        out = torch.bmm(out_latent.view(B * T, H, -1).transpose(0, 1), w_uv_t)  # [H, B*T, dv]
+        return out.transpose(0, 1).reshape(B, T, H, -1)  # [B, T, H, dv]

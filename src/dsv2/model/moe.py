@@ -74,44 +74,108 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return False
 
 
+# On CPU, beyond this many experts with rows one grouped matmul beats a loop over them (the CPU grouped_mm walks
+# every expert); measured on the small preset (64 experts), where decode batches of 1-8 tokens stay far below it.
+LOOP_MAX_ACTIVE_EXPERTS = 48
+
+
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored stacked. forward(x_sorted [M, H], counts [E]) with rows grouped by expert."""
+    """E SwiGLU experts stored stacked. forward(x_sorted [M, H], counts [E]) with rows grouped by expert.
+
+    impl: "grouped" (one torch._grouped_mm per projection), "loop" (one matmul per expert that has rows, into
+    shared buffers: the small-batch path of decode), "gathered" (each row's expert weights gathered, then one
+    batched matmul: static shapes, what torch.compile traces), or "auto": gathered while compiling, grouped for
+    training and on CUDA, the loop where grouped_mm cannot run or, on CPU, when few experts have rows. Tests check
+    the paths agree.
+    """
 
     def __init__(self, n_experts: int, hidden: int, inter: int):
         super().__init__()
         self.inter = inter
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))  # [E, 2I, H]: gate_proj ; up_proj
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))  # [E, H, I]: down_proj
-        self.use_grouped_mm = True  # switch for the loop reference path (tests compare the two)
+        self.impl = "auto"
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.w13, self.w2
+    def weights(self, dtype: torch.dtype, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacks (of the `active` experts only, if given) in `dtype`: w13 [E', 2I, H], w2 [E', H, I]."""
+        w13, w2 = self.w13, self.w2
+        if active is not None:
+            w13, w2 = w13.index_select(0, active), w2.index_select(0, active)
+        return w13.to(dtype), w2.to(dtype)
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's w13 [2I, H] and w2 [H, I] in `dtype` (views when the dtype matches)."""
+        return self.w13[e].to(dtype), self.w2[e].to(dtype)
+
+    def _choose(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[str, list[int] | None]:
+        if self.impl != "auto":
+            return self.impl, None
+        if torch.compiler.is_compiling():
+            return "gathered", None
+        if not _grouped_mm_ok(x):
+            return "loop", None
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and self.w13.requires_grad):
+            return "grouped", None
+        n = counts.tolist()  # the loop needs them anyway; a CPU sync costs nothing
+        return ("loop" if sum(c > 0 for c in n) <= LOOP_MAX_ACTIVE_EXPERTS else "grouped"), n
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
         """row_weight [M]: the gate weight of each row, applied before the down projection (it is linear, and the
         activation is half the width of the output)."""
-        w13, w2 = self.weights()
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # grouped_mm is not autocast-aware: cast as F.linear would
             x = x.to(torch.get_autocast_dtype(dev))
-        w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-        if self.use_grouped_mm and _grouped_mm_ok(x):
+        impl, n = self._choose(x, counts)
+        if impl == "grouped":
+            active = None
+            if not self._dense_weights():  # quantized stacks: dequantize only the experts that have rows
+                active = counts.nonzero().flatten()
+                counts = counts.index_select(0, active)
+            w13, w2 = self.weights(x.dtype, active)
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # [M, 2I]
-            g, u = h.split(self.inter, dim=-1)
-            a = F.silu(g) * u if row_weight is None else F.silu(g) * u * row_weight[:, None].to(x.dtype)
-            return torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M, H]
-        outs, start = [], 0
-        for e, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            g, u = F.linear(x[start:start + c], w13[e]).split(self.inter, dim=-1)
-            a = F.silu(g) * u
-            if row_weight is not None:
-                a = a * row_weight[start:start + c, None].to(x.dtype)
-            outs.append(F.linear(a, w2[e]))
-            start += c
+            return torch._grouped_mm(self._act(h, row_weight), w2.transpose(1, 2), offs=offs)  # [M, H]
+        if impl == "gathered":
+            expert_of_row = torch.repeat_interleave(torch.arange(counts.shape[0], device=x.device), counts,
+                                                    output_size=x.shape[0])
+            w13, w2 = self.weights(x.dtype, expert_of_row)  # [M, 2I, H], [M, H, I]
+            h = torch.bmm(w13, x[:, :, None])[..., 0]
+            return torch.bmm(w2, self._act(h, row_weight)[:, :, None])[..., 0]
+        n = counts.tolist() if n is None else n
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad)):
+            return self._loop_into_buffers(x, n, row_weight)
+        outs, start = [], 0  # differentiable loop (training where grouped_mm cannot run)
+        for e, c in enumerate(n):
+            if c:
+                w13, w2 = self.expert_weights(e, x.dtype)
+                w = None if row_weight is None else row_weight[start:start + c]
+                outs.append(F.linear(self._act(F.linear(x[start:start + c], w13), w), w2))
+                start += c
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+    def _dense_weights(self) -> bool:
+        return self.w13.dtype != torch.float8_e4m3fn
+
+    def _act(self, h: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+        g, u = h.split([self.inter, self.inter], dim=-1)
+        a = F.silu(g) * u
+        return a if row_weight is None else a * row_weight[:, None].to(a.dtype)
+
+    def _loop_into_buffers(self, x: torch.Tensor, n: list[int], row_weight: torch.Tensor | None) -> torch.Tensor:
+        """The experts that got rows, one matmul each into shared buffers; the activation runs once for all."""
+        h = x.new_empty(x.shape[0], 2 * self.inter)
+        out = torch.empty_like(x)
+        busy, s = [], 0
+        for e, c in enumerate(n):
+            if c:
+                w13, w2 = self.expert_weights(e, x.dtype)
+                torch.mm(x[s:s + c], w13.t(), out=h[s:s + c])
+                busy.append((s, c, w2))
+                s += c
+        a = self._act(h, row_weight)
+        for s, c, w2 in busy:
+            torch.mm(a[s:s + c], w2.t(), out=out[s:s + c])
+        return out
 
 
 def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -172,6 +236,37 @@ def device_token_drop(affinity: torch.Tensor, topk_idx: torch.Tensor, batch_size
     return keep.view(N, K)
 
 
+class LocalDispatcher:
+    """Dispatch and combine for experts that all live on this device: rows sorted by expert, then summed back.
+
+    The MoE's seam: route (the gate) -> `dispatch` -> experts -> `combine`. Another dispatcher (expert parallel:
+    all-to-all to the ranks holding each expert) is installed from outside the model by setting `moe.dispatcher`,
+    the way torchtitan's `parallelize` applies parallelism to an unchanged model.
+    """
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, n_experts: int,
+                 keep: torch.Tensor | None = None):
+        """x [N, H], topk_idx/topk_w [N, K], keep [N, K] (False: dropped) -> (rows [M, H] grouped by expert,
+        counts [n_experts], row weights [M], state for combine)."""
+        flat_e = topk_idx.flatten()
+        if keep is not None:
+            flat_e = torch.where(keep.flatten(), flat_e, n_experts)  # dropped -> past the last expert
+        # scatter_add rather than bincount: a static output shape, so torch.compile traces through it
+        counts = flat_e.new_zeros(n_experts + (keep is not None)).scatter_add_(0, flat_e, torch.ones_like(flat_e))
+        order = torch.argsort(flat_e, stable=True)
+        if keep is not None:
+            counts, kept = counts[:n_experts], counts[:n_experts].sum()
+            order = order[:kept] if torch.compiler.is_compiling() else order[: int(kept)]
+        token = order // topk_idx.shape[1]
+        # index_select rather than x[token]: its backward is an index_add, far cheaper than index_put
+        return x.index_select(0, token), counts, topk_w.flatten()[order], (token, x.shape)
+
+    def combine(self, out: torch.Tensor, state) -> torch.Tensor:
+        """Expert outputs [M, H] (gate-weighted) -> y [N, H], each token's rows summed."""
+        token, shape = state
+        return out.new_zeros(shape).index_add_(0, token, out)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -182,28 +277,24 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
+        self.dispatcher = LocalDispatcher()
         self.aux: dict[str, torch.Tensor] = {}  # balance losses of the last training forward
         self.load: torch.Tensor | None = None  # tokens per expert in the last forward (detached) [E]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_exempt: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, H]. drop_exempt [B]: sequences token dropping leaves whole (the model draws them once per
+        forward so every layer keeps the same ones; drawn here if not given)."""
         B, T, H = x.shape
         xf = x.reshape(-1, H)
-        scores, topk_idx, topk_w = self.gate(xf)
-        flat_e = topk_idx.flatten()
+        scores, topk_idx, topk_w = self.gate(xf)  # route
+        keep = None
         if self.training:
             self.aux = balance_losses(scores.view(B, T, -1), topk_idx.view(B, T, -1), self.cfg)
             if self.cfg.token_drop:
-                keep = device_token_drop(scores.gather(1, topk_idx), topk_idx, B, self.cfg)
-                flat_e = torch.where(keep.flatten(), flat_e, self.n_experts)  # dropped -> past the last expert
-        counts = torch.bincount(flat_e, minlength=self.n_experts + 1)[: self.n_experts]
+                keep = device_token_drop(scores.gather(1, topk_idx), topk_idx, B, self.cfg, drop_exempt)
+        rows, counts, row_w, state = self.dispatcher.dispatch(xf, topk_idx, topk_w, self.n_experts, keep)
         self.load = counts.detach()
-        order = torch.argsort(flat_e, stable=True)
-        if self.training and self.cfg.token_drop:
-            order = order[: int(counts.sum())]
-        token = order // topk_idx.shape[1]
-        # index_select rather than xf[token]: its backward is an index_add, far cheaper than index_put
-        out = self.experts(xf.index_select(0, token), counts, topk_w.flatten()[order])  # [M, H], gate-weighted
-        y = xf.new_zeros(xf.shape, dtype=out.dtype).index_add_(0, token, out).view(B, T, H)
+        y = self.dispatcher.combine(self.experts(rows, counts, row_w), state).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.attention import MLA, LatentCache, RMSNorm, StepContext
+from dsv2.model.attention import MLA, LatentCache, LatentKVCache, RMSNorm, StepContext
 from dsv2.model.moe import MLP, MoE, MoEGate, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 
@@ -28,9 +28,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, cache=None, ctx=None, impl="auto"):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, ctx, impl)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, ctx: StepContext, cache: LatentKVCache | None = None,
+                impl: str = "auto") -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx, cache, impl)
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, ctx.drop_exempt) if isinstance(self.mlp, MoE) else self.mlp(x))
 
 
 class DeepseekV2Body(nn.Module):
@@ -75,39 +77,52 @@ class DeepseekV2(nn.Module):
         return LatentCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device)
 
     # ---- forward -------------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
-                input_lengths: torch.Tensor | None = None, output_positions: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: LatentKVCache | None = None,
+                input_lengths: torch.Tensor | list[int] | None = None, output_positions: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab].
+        """input_ids [B, T] -> logits [B, T, vocab]. The one forward: training, prefill, chunked prefill, decode.
 
-        With a cache, sequence b's tokens go to positions cache.lengths[b] + t for t < input_lengths[b] (the rest
-        of the row is padding), and the cache lengths advance. output_positions [B] returns logits [B, vocab]
-        at one index per row only (saves the lm_head over the whole prompt when generating).
+        With a cache (any `LatentKVCache`: `new_cache()`, or the engine's paged batch), sequence b's tokens go to
+        positions cache.lengths[b] + t for t < input_lengths[b] (the rest of the row is padding), and the cache
+        lengths advance. output_positions [B] returns logits [B, vocab] at one index per row only (saves the
+        lm_head over the whole prompt when generating).
         """
-        B, T = input_ids.shape
-        steps = torch.arange(T, device=input_ids.device)
-        if cache is None:
-            positions, ctx = steps[None].expand(B, T), None
-        else:
-            if B != cache.batch_size:
-                raise ValueError(f"batch of {B} rows for a cache of {cache.batch_size}")
-            n = torch.full((B,), T, device=input_ids.device) if input_lengths is None else input_lengths
-            start = cache.lengths
-            end, start_max = torch.stack([(start + n).max(), start.max()]).tolist()
-            if end > cache.max_len:
-                raise ValueError(f"sequence would reach {end} tokens, past the cache's {cache.max_len}")
-            positions = start[:, None] + steps[None]
-            ctx = StepContext(positions, steps[None] < n[:, None], end, start_max == 0)
-        cos, sin = self.rotary(positions)
+        ctx = self.step_context(input_ids, cache, input_lengths)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, cache, ctx, self.attn_impl)
+            h = layer(h, ctx, cache, self.attn_impl)
         if cache is not None:
-            cache.advance(n)
+            cache.advance(ctx.n_new)
         if output_positions is not None:
-            h = h[torch.arange(B, device=h.device), output_positions]
+            h = h[torch.arange(h.shape[0], device=h.device), output_positions]
         h = self.model.norm(h)
         return h if return_hidden else self.lm_head(h)
+
+    def step_context(self, input_ids: torch.Tensor, cache: LatentKVCache | None,
+                     input_lengths: torch.Tensor | list[int] | None) -> StepContext:
+        """Everything this forward's layers share, computed once: positions, RoPE factors, the cache bounds."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        steps = torch.arange(T, device=dev)
+        exempt = None
+        if self.training and self.config.token_drop:  # one exempt set for every layer of this forward
+            exempt = torch.rand(B, device=dev) < self.config.drop_exempt_fraction
+        if cache is None:
+            cos, sin = self.rotary(steps[None])  # [1, T, dr/2], broadcast over the batch
+            return StepContext(steps[None].expand(B, T), cos, sin, drop_exempt=exempt)
+        start = cache.lengths_host
+        if B != len(start):
+            raise ValueError(f"batch of {B} rows for a cache of {len(start)}")
+        n = [T] * B if input_lengths is None else (
+            input_lengths.tolist() if isinstance(input_lengths, torch.Tensor) else list(input_lengths))
+        end = max(s + k for s, k in zip(start, n))
+        if end > cache.max_len:
+            raise ValueError(f"sequence would reach {end} tokens, past the cache's {cache.max_len}")
+        positions = cache.lengths[:, None] + steps[None]  # [B, T]
+        valid = None if min(n) == T else steps[None] < torch.tensor(n, device=dev)[:, None]
+        cos, sin = self.rotary(positions)
+        return StepContext(positions, cos, sin, valid, n, end, max(start) == 0, min(start) == max(start),
+                           drop_exempt=exempt)
 
     # ---- training signals ----------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
