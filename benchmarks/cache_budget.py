@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from common import save, table
 
 from dsv2 import DeepseekV2, ModelConfig, save_checkpoint
-from dsv2.checkpoint import parse_size
 from dsv2.infer.engine import Engine, SamplingParams
 from dsv2.infer.paged import kv_bytes_per_token
+from dsv2.utils import parse_size
 
 
 class ExpandedKVCache:

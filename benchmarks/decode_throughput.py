@@ -22,7 +22,7 @@ from common import save, table
 
 from dsv2 import DeepseekV2, ModelConfig, save_checkpoint
 from dsv2.infer.engine import Engine, SamplingParams
-from dsv2.infer.fp8_model import convert_model_fp8
+from dsv2.model.fp8 import convert_model_fp8
 
 
 def best_of(fns: dict, repeats: int) -> dict[str, float]:

@@ -29,9 +29,9 @@ from common import save, table
 from dsv2 import DeepseekV2, ModelConfig, load_checkpoint, save_checkpoint
 from dsv2.info import kv_cache_table
 from dsv2.infer.engine import Engine, SamplingParams
-from dsv2.infer.fp8_model import convert_model_fp8
 from dsv2.infer.paged import PagedLatentPool, kv_bytes_per_token, logits_through_pool
 from dsv2.infer.quant import kv_bits_per_element
+from dsv2.model.fp8 import convert_model_fp8
 
 ROOT = Path(__file__).resolve().parent.parent
 BYTES = {torch.float32: 4, torch.bfloat16: 2}

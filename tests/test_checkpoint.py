@@ -1,6 +1,9 @@
-"""Checkpoint contract: names, atomic writes, lazy loading, and one-line errors for bad input."""
+"""Checkpoint contract: the name table, atomic writes, lazy loading, FP8 checkpoints in DeepSeek's layout, and
+one-line errors for bad input."""
 
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,9 +11,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from dsv2 import CheckpointError, DeepseekV2, ModelConfig, load_checkpoint, save_checkpoint
-from dsv2.checkpoint import parse_size
+from dsv2.checkpoint import from_hf, to_hf
+from dsv2.model.fp8 import FP8_QUANT_CONFIG, FP8Linear, FP8RoutedExperts, convert_model_fp8, is_fp8
 
 
 @pytest.fixture
@@ -123,12 +128,6 @@ def test_no_pickle_is_ever_loaded(ckpt, monkeypatch):
     load_checkpoint(path)
 
 
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("100KB") == 10**5 and parse_size("1GiB") == 2**30
-    with pytest.raises(ValueError):
-        parse_size("lots")
-
-
 def test_v2_on_meta_allocates_nothing():
     code = ("import resource, torch; from dsv2 import DeepseekV2, ModelConfig\n"
             "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -168,3 +167,139 @@ def test_fused_expert_layout_loads(ckpt):
     t["model.layers.1.mlp.experts.down_proj"] = torch.zeros(3, 3)
     save_file(t, f)
     _expect(path, "experts.down_proj has shape")
+
+
+# ---- the name table ------------------------------------------------------------------------------------------
+EXPERTS = "model.layers.1.mlp.experts"
+
+
+def test_name_table_examples():
+    assert to_hf("model.layers.1.self_attn.kv_b_proj.weight", 8) == ["model.layers.1.self_attn.kv_b_proj.weight"]
+    assert to_hf(f"{EXPERTS}.w13", 2) == [f"{EXPERTS}.0.gate_proj.weight", f"{EXPERTS}.0.up_proj.weight",
+                                          f"{EXPERTS}.1.gate_proj.weight", f"{EXPERTS}.1.up_proj.weight"]
+    assert to_hf(f"{EXPERTS}.w2", 2) == [f"{EXPERTS}.0.down_proj.weight", f"{EXPERTS}.1.down_proj.weight"]
+    assert to_hf(f"{EXPERTS}.w13_scale_inv", 1) == [f"{EXPERTS}.0.gate_proj.weight_scale_inv",
+                                                    f"{EXPERTS}.0.up_proj.weight_scale_inv"]
+    assert to_hf(f"{EXPERTS}.w2_scale_inv", 1) == [f"{EXPERTS}.0.down_proj.weight_scale_inv"]
+    assert to_hf(f"{EXPERTS}.w13", 8, fused=True) == [f"{EXPERTS}.gate_up_proj"]  # transformers 5.x
+    assert to_hf(f"{EXPERTS}.w2", 8, fused=True) == [f"{EXPERTS}.down_proj"]
+    assert from_hf(f"{EXPERTS}.down_proj") == f"{EXPERTS}.w2"
+    assert from_hf(f"{EXPERTS}.7.up_proj.weight_scale_inv") == f"{EXPERTS}.w13_scale_inv"
+    assert from_hf("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"  # dense MLP
+    assert from_hf(f"{EXPERTS}.down_proj.weight") == f"{EXPERTS}.down_proj.weight"  # no expert index: not ours
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_name_table_round_trips_every_tensor(tmp_path, fp8):
+    """Over every tensor of a tiny model (plain, and FP8 with its scales): from_hf inverts to_hf (fused names
+    too), no two tensors share a checkpoint name, and the names are exactly the ones save_checkpoint writes."""
+    model = DeepseekV2(ModelConfig.from_preset("tiny"))
+    if fp8:
+        convert_model_fp8(model)
+    E = model.config.n_routed_experts
+    seen = []
+    for name in model.state_dict():
+        for fused in (False, True):
+            names = to_hf(name, E, fused=fused)
+            assert names and all(from_hf(k) == name for k in names), name
+        seen += to_hf(name, E)
+    assert len(seen) == len(set(seen))
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert set(load_file(tmp_path / "ckpt" / "model.safetensors")) == set(seen)
+    # FP8: 5 attention projections x 3 layers + 3 dense MLP + 2 x 3 shared-expert projections + 2 x E x 3 experts
+    assert sum(k.endswith("_scale_inv") for k in seen) == (15 + 3 + 6 + 2 * E * 3 if fp8 else 0)
+
+
+def test_experts_unstack_in_table_order(tmp_path):
+    """Expert e's gate_proj is w13[e, :I], up_proj w13[e, I:], down_proj w2[e], and FP8 scales follow their
+    weights (gate's block rows, then up's)."""
+    torch.manual_seed(0)
+    model = DeepseekV2(ModelConfig.from_preset("tiny"))
+    fp8 = convert_model_fp8(copy.deepcopy(model))
+    save_checkpoint(model, tmp_path / "dense")
+    save_checkpoint(fp8, tmp_path / "fp8")
+    dense_t = load_file(tmp_path / "dense" / "model.safetensors")
+    fp8_t = load_file(tmp_path / "fp8" / "model.safetensors")
+    e, ex, fx = 3, model.model.layers[1].mlp.experts, fp8.model.layers[1].mlp.experts
+    I = ex.w13.shape[1] // 2
+    rb = math.ceil(I / 128)
+    assert torch.equal(dense_t[f"{EXPERTS}.3.gate_proj.weight"], ex.w13[e, :I])
+    assert torch.equal(dense_t[f"{EXPERTS}.3.up_proj.weight"], ex.w13[e, I:])
+    assert torch.equal(dense_t[f"{EXPERTS}.3.down_proj.weight"], ex.w2[e])
+    assert torch.equal(fp8_t[f"{EXPERTS}.3.up_proj.weight"].view(torch.uint8), fx.w13[e, I:].view(torch.uint8))
+    assert torch.equal(fp8_t[f"{EXPERTS}.3.gate_proj.weight_scale_inv"], fx.w13_scale_inv[e, :rb])
+    assert torch.equal(fp8_t[f"{EXPERTS}.3.up_proj.weight_scale_inv"], fx.w13_scale_inv[e, rb:])
+    assert torch.equal(fp8_t[f"{EXPERTS}.3.down_proj.weight_scale_inv"], fx.w2_scale_inv[e])
+
+
+# ---- FP8 checkpoints (DeepSeek's layout) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_ckpts(tmp_path_factory):
+    torch.manual_seed(0)
+    dense = DeepseekV2(ModelConfig.from_preset("tiny")).eval()
+    fp8 = convert_model_fp8(copy.deepcopy(dense))
+    root = tmp_path_factory.mktemp("fp8")
+    save_checkpoint(dense, root / "dense")
+    save_checkpoint(fp8, root / "fp8")
+    return dense, fp8, root
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for n in sa:
+        assert sa[n].dtype == sb[n].dtype and torch.equal(sa[n].view(torch.uint8), sb[n].view(torch.uint8)), n
+
+
+def test_fp8_checkpoint_layout(fp8_ckpts):
+    _, _, root = fp8_ckpts
+    assert json.loads((root / "fp8" / "config.json").read_text())["quantization_config"] == FP8_QUANT_CONFIG
+    assert "quantization_config" not in json.loads((root / "dense" / "config.json").read_text())
+    t = load_file(root / "fp8" / "model.safetensors")
+    w, s = t[f"{EXPERTS}.3.up_proj.weight"], t[f"{EXPERTS}.3.up_proj.weight_scale_inv"]
+    assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (1, 1)
+    assert t["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
+    # router, lm_head, embeddings and norms stay in full precision, without scales
+    for n in ("lm_head.weight", "model.layers.1.mlp.gate.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert t[n].dtype == torch.float32 and n + "_scale_inv" not in t
+
+
+def test_fp8_checkpoint_loads_as_stored_quantized_or_dequantized(fp8_ckpts):
+    dense, fp8, root = fp8_ckpts
+    stored = load_checkpoint(root / "fp8")  # as stored: the same FP8 buffers, bit for bit
+    assert is_fp8(stored)
+    _same_tensors(stored, fp8)
+    on_load = load_checkpoint(root / "dense", fp8=True)  # quantized one tensor at a time while loading
+    _same_tensors(on_load, fp8)
+    deq = load_checkpoint(root / "fp8", fp8=False, dtype=torch.float32)  # dequantized into a dense model
+    assert not is_fp8(deq) and not is_fp8(load_checkpoint(root / "dense"))
+    kv_b = fp8.model.layers[0].self_attn.kv_b_proj
+    want = kv_b.weight.float() * kv_b.weight_scale_inv  # one 128x128 block: the published formula, directly
+    assert torch.equal(deq.model.layers[0].self_attn.kv_b_proj.weight, want)
+    ex = fp8.model.layers[1].mlp.experts
+    I = ex.w13.shape[1] // 2
+    assert torch.equal(deq.model.layers[1].mlp.experts.w13[2, I:], ex.w13[2, I:].float() * ex.w13_scale_inv[2, 1])
+    assert deq.model.layers[1].mlp.experts.w13.dtype == torch.float32
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(deq(ids), fp8(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_modules_follow_the_checkpoint(fp8_ckpts, tmp_path):
+    """A checkpoint quantizing only some tensors loads with exactly those modules in FP8: the skeleton asks the
+    name table which scales the checkpoint holds (per-expert scales -> the expert stack's)."""
+    _, fp8, root = fp8_ckpts
+    t = load_file(root / "fp8" / "model.safetensors")
+    for prefix in ("model.layers.2.mlp.experts.", "model.layers.1.self_attn.o_proj."):  # store these dense
+        for k in [k for k in t if k.startswith(prefix) and k.endswith("_scale_inv")]:
+            w = k.removesuffix("_scale_inv")
+            t[w] = t[w].float() * t.pop(k)  # every weight of the tiny preset is one block: scale [1, 1]
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "config.json").write_text((root / "fp8" / "config.json").read_text())
+    save_file(t, tmp_path / "mixed" / "model.safetensors")
+    back = load_checkpoint(tmp_path / "mixed")
+    layers = back.model.layers
+    assert isinstance(layers[1].mlp.experts, FP8RoutedExperts)
+    assert isinstance(layers[1].self_attn.kv_b_proj, FP8Linear)
+    assert type(layers[1].self_attn.o_proj) is nn.Linear
+    assert not isinstance(layers[2].mlp.experts, FP8RoutedExperts) and layers[2].mlp.experts.w13.dtype == torch.float32

@@ -1,8 +1,10 @@
 """Checkpoints in the Hugging Face layout: config.json + model.safetensors (or shards + index), no pickle.
 
-One name table (`hf_tensors` / `_hf_names`) maps the model's parameters to DeepSeek's published names. Only the
-routed experts differ: the model stores them stacked (`mlp.experts.w13 [E, 2I, H]`, `mlp.experts.w2 [E, H, I]`),
-the checkpoint per expert (`mlp.experts.E.{gate,up,down}_proj.weight`).
+One name table (`to_hf` / `from_hf`) maps the model's tensor names to DeepSeek's published names; save, load and
+FP8 load (and so `dsv2 quantize`) all go through it. Only the routed experts differ: the model stores them
+stacked (`mlp.experts.w13 [E, 2I, H]`, `mlp.experts.w2 [E, H, I]`, and for FP8 their block scales
+`w13_scale_inv`, `w2_scale_inv`), the checkpoint per expert (`mlp.experts.E.{gate,up,down}_proj.weight` and
+`.weight_scale_inv`, as in DeepSeek's FP8 checkpoints).
 
 Loading builds the model on the meta device and reads tensors from memory-mapped safetensors shard by shard, so
 peak memory stays near one copy of the weights. Saving writes into a temporary directory beside the target and
@@ -24,13 +26,11 @@ from safetensors.torch import save_file
 
 from dsv2.config import ModelConfig
 from dsv2.model import DeepseekV2
+from dsv2.model.fp8 import FP8_DTYPE, FP8_QUANT_CONFIG, SCALE, FP8Conversion, fp8_skeleton
+from dsv2.utils import parse_size
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# (w13|w2)_scale_inv: the block scales of FP8 expert stacks (dsv2.infer.fp8_model), saved per expert as
-# experts.E.{gate,up,down}_proj.weight_scale_inv like DeepSeek's FP8 checkpoints
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(w13|w2)(_scale_inv)?$")
-_FP8_SCALE = "_scale_inv"
 # checkpoint entries that carry no weights of ours and may be skipped
 _IGNORABLE = re.compile(r"(rotary_emb\.inv_freq$)")
 
@@ -40,56 +40,64 @@ class CheckpointError(ValueError):
 
 
 # ---- the name table ------------------------------------------------------------------------------------------
-def _hf_names(name: str, n_experts: int) -> list[str]:
-    """Checkpoint names that make up one model parameter (in concatenation order)."""
-    m = _EXPERT.match(name)
-    if not m:
+# Every tensor has the same name in the model and in the checkpoint, except the routed experts: the model stacks
+# them, the checkpoint stores one tensor per expert E (0 .. n_experts-1), named as in DeepSeek's checkpoints, FP8
+# block scales included; transformers 5.x holds them fused in memory (our layout), and such checkpoints load too.
+_EXPERTS = {  # model tensor: (checkpoint tensors per expert, in stacking order; transformers 5.x fused name)
+    "w13": (("gate_proj.weight", "up_proj.weight"), "gate_up_proj"),
+    "w2": (("down_proj.weight",), "down_proj"),
+    "w13_scale_inv": (("gate_proj.weight_scale_inv", "up_proj.weight_scale_inv"), None),
+    "w2_scale_inv": (("down_proj.weight_scale_inv",), None),
+}
+_MODEL_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\w+)$")
+_HF_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+\.)?([\w.]+)$")
+
+
+def to_hf(name: str, n_experts: int, fused: bool = False) -> list[str]:
+    """Checkpoint names of the tensors that make up model tensor `name`, in stacking order: an expert stack
+    [E, k * rows, cols] is `t.reshape(len(names), rows, cols)` (expert 0's gate, expert 0's up, expert 1's gate...).
+    fused: the transformers 5.x name of an expert weight stack instead (one tensor, our layout); tensors without
+    a fused form (FP8 scales, everything outside the experts) keep their names."""
+    m = _MODEL_EXPERTS.match(name)
+    if not m or m.group(2) not in _EXPERTS:
         return [name]
-    prefix, which, scale = m.groups()
-    projs = ("gate_proj", "up_proj") if which == "w13" else ("down_proj",)
-    return [f"{prefix}.{e}.{p}.weight{scale or ''}" for e in range(n_experts) for p in projs]
+    prefix, (per_expert, fused_name) = m.group(1), _EXPERTS[m.group(2)]
+    if fused and fused_name:
+        return [f"{prefix}.{fused_name}"]
+    return [f"{prefix}.{e}.{p}" for e in range(n_experts) for p in per_expert]
 
 
-def _fused_name(name: str) -> str | None:
-    """transformers 5.x keeps experts fused in memory as experts.gate_up_proj [E, 2I, H] / experts.down_proj
-    [E, H, I] (our w13 / w2 layout); a checkpoint stored that way is accepted too."""
-    m = _EXPERT.match(name)
-    return None if not m or m.group(3) else f"{m.group(1)}.{'gate_up_proj' if m.group(2) == 'w13' else 'down_proj'}"
+def from_hf(hf_name: str) -> str:
+    """The model tensor a checkpoint tensor belongs to (the inverse of to_hf, fused names included)."""
+    m = _HF_EXPERTS.match(hf_name)
+    if m:
+        prefix, index, rest = m.groups()
+        for ours, (per_expert, fused_name) in _EXPERTS.items():
+            if (rest in per_expert) if index else (rest == fused_name):
+                return f"{prefix}.{ours}"
+    return hf_name
+
+
+def _parts(t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Model tensor -> the n checkpoint tensors to_hf names (views, not copies)."""
+    return [t] if n == 1 else list(t.reshape(n, -1, *t.shape[2:]).unbind(0))
+
+
+def _part_shape(shape: torch.Size, n: int) -> tuple[int, ...]:
+    return tuple(shape) if n == 1 else (shape[0] * shape[1] // n, *shape[2:])
 
 
 def hf_tensors(model: DeepseekV2) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every weight, experts unstacked (views, not copies)."""
+    n_experts = model.config.n_routed_experts
     for name, t in model.state_dict().items():
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
-        m = _EXPERT.match(name)
-        if not m:
-            yield name, t
-            continue
-        prefix, which, scale = m.groups()
-        suffix = f"weight{scale or ''}"
-        for e in range(t.shape[0]):
-            if which == "w13":
-                gate, up = t[e].chunk(2, dim=0)
-                yield f"{prefix}.{e}.gate_proj.{suffix}", gate
-                yield f"{prefix}.{e}.up_proj.{suffix}", up
-            else:
-                yield f"{prefix}.{e}.down_proj.{suffix}", t[e]
+        names = to_hf(name, n_experts)
+        yield from zip(names, _parts(t, len(names)))
 
 
 # ---- saving --------------------------------------------------------------------------------------------------
-def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot parse size {size!r} (examples: 5GB, 500MB, 1000000)")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
-
-
 def save_checkpoint(model: DeepseekV2, path: str | Path, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write config.json and safetensors weights (sharded above max_shard_size) that transformers'
@@ -126,8 +134,7 @@ def save_checkpoint(model: DeepseekV2, path: str | Path, max_shard_size: int | s
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         hf = model.config.to_hf()
         hf["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
-        if any(n.endswith(_FP8_SCALE) for n in weight_map):
-            from dsv2.infer.quant import FP8_QUANT_CONFIG
+        if any(n.endswith(SCALE) for n in weight_map):
             hf["quantization_config"] = FP8_QUANT_CONFIG
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if extra is not None:
@@ -141,7 +148,7 @@ def save_checkpoint(model: DeepseekV2, path: str | Path, max_shard_size: int | s
 
 def _cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype to store/load t in: `dtype` for full-precision tensors; FP8 weights and their scales keep theirs."""
-    return t.dtype if dtype is None or t.dtype == torch.float8_e4m3fn or name.endswith(_FP8_SCALE) else dtype
+    return t.dtype if dtype is None or t.dtype == FP8_DTYPE or name.endswith(SCALE) else dtype
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -197,23 +204,25 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
     """Load a HF-layout DeepSeek-V2 checkpoint (ours, transformers', or DeepSeek's published one).
 
     fp8: None loads weights as stored (FP8 checkpoints with `weight_scale_inv` tensors give FP8 modules, see
-    dsv2.infer.fp8_model); True quantizes a full-precision checkpoint to FP8 while loading, one tensor at a time;
+    dsv2.model.fp8); True quantizes a full-precision checkpoint to FP8 while loading, one tensor at a time;
     False dequantizes an FP8 checkpoint (to `dtype`, bfloat16 by default).
     """
     path = Path(path)
     cfg = config or load_config(path)
+    n_experts = cfg.n_routed_experts
     files = _weight_files(path)
-    stored_fp8 = any(k.endswith(_FP8_SCALE) for k in files)
+    stored_fp8 = any(k.endswith(SCALE) for k in files)
     with torch.device("meta"):
         model = DeepseekV2(cfg)
-        if fp8 or (fp8 is None and stored_fp8):
-            from dsv2.infer.fp8_model import fp8_skeleton
-            fp8_skeleton(model, files if stored_fp8 else None)
+        if fp8 or (fp8 is None and stored_fp8):  # FP8 where the checkpoint is (every eligible module if nowhere)
+            fp8_skeleton(model, {from_hf(k) for k in files} if stored_fp8 else None)
     expected = {n: t for n, t in model.state_dict().items()
                 if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
-    sources = {n: [_fused_name(n)] if _fused_name(n) in files else _hf_names(n, cfg.n_routed_experts)
-               for n in expected}
-    wanted = {hf: n for n, names in sources.items() for hf in names}
+    sources = {}
+    for n in expected:
+        fused = to_hf(n, n_experts, fused=True)
+        sources[n] = fused if all(k in files for k in fused) else to_hf(n, n_experts)
+    wanted = {k for names in sources.values() for k in names}
     handles: dict[Path, object] = {}
 
     def read(name: str) -> torch.Tensor:
@@ -226,9 +235,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
 
     available = files.keys()
-    fp8_names = {k for n, t in expected.items() if t.dtype == torch.float8_e4m3fn for k in sources[n]}
+    fp8_names = {k for n, t in expected.items() if t.dtype == FP8_DTYPE for k in sources[n]}
     if fp8_names or stored_fp8:  # quantize or dequantize where checkpoint and model disagree
-        from dsv2.infer.fp8_model import FP8Conversion
         conv = FP8Conversion(files, read, fp8_names, dtype)
         available, read = conv.names, conv.read
     missing = [k for k in wanted if k not in available]
@@ -240,20 +248,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
 
     state = {}
     for name, meta in expected.items():
-        parts = [read(k) for k in sources[name]]
-        expert = _EXPERT.match(name)
-        if expert and len(parts) > 1:  # per-expert tensors -> one stack
-            per = 2 if expert.group(2) == "w13" else 1
-            want = meta.shape[1:] if per == 1 else (meta.shape[1] // 2, meta.shape[2])
-            for k, t in zip(_hf_names(name, cfg.n_routed_experts), parts):
-                if tuple(t.shape) != tuple(want):
-                    raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(want)}")
-            t = torch.stack([torch.cat(parts[i:i + per]) for i in range(0, len(parts), per)])
-        else:
-            t = parts[0]
-            if tuple(t.shape) != tuple(meta.shape):
-                raise CheckpointError(
-                    f"{path}: tensor {sources[name][0]} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
+        names = sources[name]
+        want = _part_shape(meta.shape, len(names))
+        parts = []
+        for k in names:
+            parts.append(read(k))
+            if tuple(parts[-1].shape) != want:
+                raise CheckpointError(f"{path}: tensor {k} has shape {tuple(parts[-1].shape)}, expected {want}")
+        t = parts[0] if len(parts) == 1 else torch.stack(parts).reshape(meta.shape)  # per-expert -> one stack
         state[name] = t.to(device=device, dtype=_cast(name, t, dtype))
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from dsv2 import load_checkpoint
 from dsv2.cli import main
 from dsv2.infer.engine import Engine, SamplingParams
-from dsv2.infer.fp8_model import is_fp8
+from dsv2.model.fp8 import is_fp8
 from dsv2.tokenizer import Tokenizer
 
 

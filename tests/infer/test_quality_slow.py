@@ -6,8 +6,8 @@ import pytest
 import torch
 from infer_models import byte_prompts, train_bytes_model
 
-from dsv2.infer.fp8_model import convert_model_fp8
 from dsv2.infer.paged import logits_through_pool
+from dsv2.model.fp8 import convert_model_fp8
 
 # stated tolerances, measured on 8 x 256 held-out tokens, teacher-forced, every key read through the pool
 TOLERANCES = {  # variant: (min top-1 agreement with float32, max |logit difference|, max held-out loss increase)

@@ -208,7 +208,7 @@ def _serve(args) -> int:
 
 def _quantize(args) -> int:
     from dsv2.checkpoint import load_checkpoint, save_checkpoint
-    from dsv2.infer.fp8_model import weight_nbytes
+    from dsv2.model.fp8 import weight_nbytes
 
     src, out = Path(args.model), Path(args.out)
     if src.resolve() == out.resolve():
