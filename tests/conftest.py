@@ -1,7 +1,22 @@
-"""Shared test setup: deterministic seeds, and the transformers oracle for parity tests."""
+"""Shared test setup: deterministic seeds, and GPU-marked tests skipped (with a reason shown) without CUDA."""
+
+import os
 
 import pytest
 import torch
+
+# Set to 1 to run the gpu-marked tests on the CPU: checks the tests' own logic where no GPU is at hand.
+GPU_TESTS_ON_CPU = os.environ.get("DSV2_GPU_TESTS_ON_CPU") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or GPU_TESTS_ON_CPU:
+        return
+    skip = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False (benchmarks/gpu_check.sh runs "
+                                   "these on a CUDA machine)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
