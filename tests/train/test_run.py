@@ -120,3 +120,14 @@ def test_no_pickle_in_the_package():
     found = [f"{p.relative_to(src)}: {m[0]}" for p in src.rglob("*.py")
              for m in re.finditer(r"torch\.(save|load)\(|import pickle|pickle\.(load|dump)", p.read_text())]
     assert found == []
+
+
+def test_init_from_and_model_overrides_from_a_toml_recipe(recipe, tmp_path, source):
+    cfg = tmp_path / "extend.toml"
+    cfg.write_text(f'init_from = "{source}"\ndata = "{recipe.data}"\nseq_len = 32\nbatch_size = 4\nmax_steps = 1\n'
+                   '[model]\nmax_position_embeddings = 4096\n'
+                   'rope_scaling = {type = "yarn", factor = 8, original_max_position_embeddings = 512}\n')
+    assert main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    hf = json.loads((latest_checkpoint(tmp_path / "run") / "config.json").read_text())
+    assert hf["max_position_embeddings"] == 4096
+    assert hf["rope_scaling"]["factor"] == 8.0 and hf["rope_scaling"]["original_max_position_embeddings"] == 512

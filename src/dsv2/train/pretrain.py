@@ -34,7 +34,7 @@ from dsv2.train import parallel
 from dsv2.train.recipe import Recipe
 from dsv2.train.run import (Run, Stage, TrainingError, add_run_arguments, checkpoints, latest_checkpoint,
                             read_trainer_state, run_command, train)
-from dsv2.train import run as _run
+from dsv2.train.run import resolve_recipe as _resolve_recipe
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: 
 
 def resolve_recipe(out: str | Path, resume: bool, config: str | None, flags: dict) -> Recipe:
     """Defaults < the checkpoint's recipe (when resuming) < the TOML file < flags."""
-    return _run.resolve_recipe(Recipe, out, resume, config, flags)
+    return _resolve_recipe(Recipe, out, resume, config, flags)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
