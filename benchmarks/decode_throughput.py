@@ -1,13 +1,19 @@
-"""Decode throughput: dsv2's engine vs transformers' `generate`, identical weights, greedy, on CPU.
+"""Decode throughput: `dsv2.generate` and the Engine vs transformers' `generate`, identical weights, greedy, CPU.
 
-    python benchmarks/decode_throughput.py                   # small preset, batch 1 and 16, prompt 64, 64 new
-    python benchmarks/decode_throughput.py --batch 1 4 16 --repeats 5 --extra   # + FP8 weights / int8 KV rows
+    python benchmarks/decode_throughput.py                     # small + coarse shapes, batch 1 and 16, 1 and 2 threads
+    python benchmarks/decode_throughput.py --shape small --batch 1 --threads 1 --profile   # + what bounds decode
+    python benchmarks/decode_throughput.py --extra             # + FP8 weights / int8 KV rows through the Engine
 
-The same random `small` model is saved once and loaded by both (transformers' DeepseekV2ForCausalLM reads our
-checkpoint). Each system runs the whole request (prefill + 64 greedy tokens, end-of-sequence ignored) `repeats`
-times, interleaved with the other so that machine noise hits both alike; the best run counts. tokens/s = batch x
-new tokens / wall time. "decode tok/s" leaves out the prefill (timed separately with 1 new token). Threads default
-to 1: on a shared 2-core machine two OpenMP threads stall whenever the other core is busy.
+Shapes: `small` (the preset: 64 fine-grained routed experts, top-6, group-limited) and `coarse` (the same model
+with 16 routed experts of 4x the width, top-4, greedy routing: transformers' per-expert loop is cheapest there).
+The same random model is saved once and loaded by transformers (DeepseekV2ForCausalLM reads our checkpoint). Each
+system runs the whole request (prefill of a 64-token prompt + 64 greedy tokens, end-of-sequence ignored) `repeats`
+times, interleaved with the others so that machine noise hits all alike; the best run counts. tokens/s = batch x
+new tokens / wall time. "same tokens" is the share of generated tokens equal to transformers'.
+
+--profile runs one batch-1 decode step under torch.profiler and prints where its time goes: the number of tensor
+ops, the share of wall time spent inside ops vs. in Python between them, and the time the step's weight bytes
+would take at this machine's measured matrix-vector bandwidth (the memory-bandwidth bound).
 """
 
 from __future__ import annotations
@@ -20,9 +26,15 @@ import time
 import torch
 from common import save, table
 
-from dsv2 import DeepseekV2, ModelConfig, save_checkpoint
+from dsv2 import DeepseekV2, ModelConfig, generate, save_checkpoint
 from dsv2.infer.engine import Engine, SamplingParams
 from dsv2.model.fp8 import convert_model_fp8
+
+SHAPES = {
+    "small": {},
+    "coarse": dict(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256, topk_method="greedy",
+                   n_group=1, topk_group=1),
+}
 
 
 def best_of(fns: dict, repeats: int) -> dict[str, float]:
@@ -38,75 +50,122 @@ def best_of(fns: dict, repeats: int) -> dict[str, float]:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--extra", action="store_true", help="also FP8 weights and 8-bit KV cache rows")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
+def load_hf(model: DeepseekV2):
     from transformers import DeepseekV2ForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    cfg = ModelConfig.from_preset(args.preset)
-    model = DeepseekV2(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(model, d)
         hf = DeepseekV2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # run all new tokens, like ignore_eos (no extra logits processor)
+    return hf
+
+
+def run_shape(shape: str, args) -> list[dict]:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("small", **SHAPES[shape])
+    model = DeepseekV2(cfg).eval()
+    hf = load_hf(model)
     n_new = args.new_tokens
-    variants = {"dsv2": (model, None)}
+    engines = {"dsv2 Engine": (model, None)}
     if args.extra:
-        variants["dsv2 fp8 weights"] = (convert_model_fp8(copy.deepcopy(model)), None)
-        variants["dsv2 int8 kv"] = (model, "int8")
-
+        engines["dsv2 Engine fp8 weights"] = (convert_model_fp8(copy.deepcopy(model)), None)
+        engines["dsv2 Engine int8 kv"] = (model, "int8")
     rows = []
-    for B in args.batch:
-        g = torch.Generator().manual_seed(B)
-        ids = torch.randint(3, cfg.vocab_size, (B, args.prompt_len), generator=g)
-        prompts = ids.tolist()
-        budget = 2 * B * (args.prompt_len + n_new) * 4 * cfg.num_hidden_layers * cfg.kv_cache_dim
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for B in args.batch:
+            g = torch.Generator().manual_seed(B)
+            ids = torch.randint(3, cfg.vocab_size, (B, args.prompt_len), generator=g)
+            prompts = ids.tolist()
+            budget = 2 * B * (args.prompt_len + n_new) * 4 * cfg.num_hidden_layers * cfg.kv_cache_dim
+            built = {name: Engine(m, budget, kv_cache_dtype=kv, max_batch_size=B, prefill_chunk=4096)
+                     for name, (m, kv) in engines.items()}
 
-        def hf_run(n):
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                   pad_token_id=cfg.pad_token_id)[:, args.prompt_len:]
+            def hf_run():
+                with torch.inference_mode():
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                      do_sample=False, pad_token_id=cfg.pad_token_id)
+                return out[:, args.prompt_len:].tolist()
 
-        engines = {name: Engine(m, budget, kv_cache_dtype=kv, max_batch_size=max(B, 1), prefill_chunk=4096)
-                   for name, (m, kv) in variants.items()}
+            runs = {"transformers": hf_run, "dsv2.generate": lambda: generate(model, prompts, n_new)}
+            runs |= {name: (lambda e=e: [o.token_ids for o in e.generate(
+                prompts, SamplingParams(max_tokens=n_new, ignore_eos=True))]) for name, e in built.items()}
+            secs = best_of(runs, args.repeats)
+            ref = torch.tensor(hf_run())
+            for name, s in secs.items():
+                same = (torch.tensor(runs[name]()) == ref).float().mean().item()
+                rows.append({"shape": shape, "threads": threads, "batch": B, "system": name,
+                             "tok/s": B * n_new / s, "ms/token step": 1000 * s / n_new,
+                             "x transformers": secs["transformers"] / s, "same tokens": same})
+    if args.profile:
+        profile_step(model, cfg)
+    return rows
 
-        def dsv2_run(engine, n):
-            out = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
-            return torch.tensor([o.token_ids for o in out])
 
-        fns = {"transformers": lambda: hf_run(n_new)}
-        fns |= {name: (lambda e=e: dsv2_run(e, n_new)) for name, e in engines.items()}
-        total = best_of(fns, args.repeats)
-        pre = {"transformers": lambda: hf_run(1)} | {name: (lambda e=e: dsv2_run(e, 1)) for name, e in engines.items()}
-        prefill = best_of(pre, args.repeats)
-        ref = hf_run(n_new)
-        for name, secs in total.items():
-            out = ref if name == "transformers" else dsv2_run(engines[name], n_new)
-            rows.append({
-                "system": name, "batch": B, "tok/s": B * n_new / secs,
-                "decode tok/s": B * (n_new - 1) / max(secs - prefill[name], 1e-9),
-                "ms/step": 1000 * secs / n_new,
-                "speedup": total["transformers"] / secs,
-                "same tokens as HF": (out == ref).float().mean().item(),
-            })
-    cols = ["system", "batch", "tok/s", "decode tok/s", "ms/step", "speedup", "same tokens as HF"]
-    print(f"decode throughput, preset {args.preset}, prompt {args.prompt_len}, {n_new} new tokens, greedy, "
-          f"{args.threads} thread(s), best of {args.repeats}")
-    print(table(rows, cols))
-    path = save("decode_throughput", {"args": vars(args), "rows": rows})
-    print(f"wrote {path}")
+def matvec_bandwidth() -> float:
+    """Bytes/s this machine streams through a float32 matrix-vector product (the batch-1 decode kernel)."""
+    w, x = torch.randn(8192, 8192), torch.randn(8192, 1)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.mm(w, x)
+        best = min(best, time.perf_counter() - t)
+    return w.nbytes / best
+
+
+@torch.inference_mode()
+def profile_step(model: DeepseekV2, cfg: ModelConfig) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(1, 200)
+    model(torch.randint(3, cfg.vocab_size, (1, 64)), cache=cache)
+    step = lambda: model(torch.randint(3, cfg.vocab_size, (1, 1)), cache=cache)  # noqa: E731
+    for _ in range(3):
+        step()
+    t = time.perf_counter()
+    for _ in range(20):
+        step()
+    wall = (time.perf_counter() - t) / 20
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.events() if e.cpu_parent is None and not e.name.startswith("[")]
+    n_ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    in_ops = sum(e.cpu_time_total for e in events) / 1e6
+    # weights read by one token: everything but the embedding table, the inactive routed experts excluded
+    active = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts.w" not in n
+                 and "embed_tokens" not in n)
+    for moe in model.moe_layers():
+        per_expert = (moe.experts.w13[0].numel() + moe.experts.w2[0].numel()) * moe.experts.w13.element_size()
+        active += per_expert * cfg.num_experts_per_tok
+    bw = matvec_bandwidth()
+    print(f"\nbatch-1 decode step, {torch.get_num_threads()} thread(s): {wall * 1e3:.2f} ms wall; {n_ops} aten op "
+          f"calls; top-level ops account for {in_ops * 1e3:.2f} ms ({in_ops / wall:.0%}); weights read per token "
+          f"{active / 2**20:.1f} MiB -> {active / bw * 1e3:.3f} ms at the measured {bw / 1e9:.1f} GB/s "
+          f"matrix-vector bandwidth ({active / bw / wall:.0%} of the step)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--extra", action="store_true", help="also FP8 weights and 8-bit KV cache rows")
+    ap.add_argument("--profile", action="store_true", help="profile one batch-1 decode step per shape")
+    args = ap.parse_args()
+    rows = []
+    for shape in (SHAPES if args.shape == "both" else [args.shape]):
+        rows += run_shape(shape, args)
+        print(table(rows, list(rows[0])), flush=True)
+    print(f"\ndecode throughput, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of "
+          f"{args.repeats}")
+    print(table(rows, list(rows[0])))
+    print(f"wrote {save('decode_throughput', {'args': vars(args), 'rows': rows})}")
 
 
 if __name__ == "__main__":

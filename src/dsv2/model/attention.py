@@ -70,6 +70,10 @@ class StepContext:
     slots: object = None
     _bias: torch.Tensor | None = None
 
+    def __post_init__(self):
+        # complex RoPE factors for apply_rope's fast path (eager only: torch.compile traces the real formulation)
+        self.cis = None if torch.compiler.is_compiling() else torch.complex(self.cos, self.sin)
+
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive key mask [B, T, S] (0 or -inf), key j visible to the query at position p iff j <= p; None when
         a single new token per row sees every key (rows of one length)."""
@@ -185,8 +189,8 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
         kv_latent, rope_key = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv_rows = torch.cat([self.kv_a_layernorm(kv_latent), apply_rope(rope_key, ctx.cos, ctx.sin)], dim=-1)
-        return q_nope, apply_rope(q_rope, ctx.cos, ctx.sin), kv_rows
+        kv_rows = torch.cat([self.kv_a_layernorm(kv_latent), apply_rope(rope_key, ctx.cos, ctx.sin, ctx.cis)], dim=-1)
+        return q_nope, apply_rope(q_rope, ctx.cos, ctx.sin, ctx.cis), kv_rows
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: LatentKVCache | None = None,
                 impl: str = "auto") -> torch.Tensor:

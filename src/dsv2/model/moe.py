@@ -95,6 +95,7 @@ class RoutedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))  # [E, 2I, H]: gate_proj ; up_proj
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))  # [E, H, I]: down_proj
         self.impl = "auto"
+        self._views: tuple | None = None  # per-expert transposed views for the loop, see _transposed
 
     def weights(self, dtype: torch.dtype, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacks (of the `active` experts only, if given) in `dtype`: w13 [E', 2I, H], w2 [E', H, I]."""
@@ -165,17 +166,36 @@ class RoutedExperts(nn.Module):
         """The experts that got rows, one matmul each into shared buffers; the activation runs once for all."""
         h = x.new_empty(x.shape[0], 2 * self.inter)
         out = torch.empty_like(x)
-        busy, s = [], 0
-        for e, c in enumerate(n):
-            if c:
-                w13, w2 = self.expert_weights(e, x.dtype)
-                torch.mm(x[s:s + c], w13.t(), out=h[s:s + c])
-                busy.append((s, c, w2))
-                s += c
-        a = self._act(h, row_weight)
-        for s, c, w2 in busy:
-            torch.mm(a[s:s + c], w2.t(), out=out[s:s + c])
+        busy = [e for e, c in enumerate(n) if c]
+        xs, hs = x.split_with_sizes(n), h.split_with_sizes(n)  # per-expert row blocks, views made in one op each
+        for e in busy:
+            torch.mm(xs[e], self._transposed(e, x.dtype)[0], out=hs[e])
+        a_s, outs = self._act(h, row_weight).split_with_sizes(n), out.split_with_sizes(n)
+        for e in busy:
+            torch.mm(a_s[e], self._transposed(e, x.dtype)[1], out=outs[e])
         return out
+
+    def forward_token(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """One token x [1, H] through its experts topk_idx [K] with gate weights topk_w [K], no dispatch at all:
+        y = sum_k w_k * expert_k(x), one addmm per expert (decode at batch 1). Inference only."""
+        y = torch.zeros_like(x)
+        for e, w in zip(topk_idx.tolist(), topk_w.tolist()):
+            w13_t, w2_t = self._transposed(e, x.dtype)
+            g, u = torch.mm(x, w13_t).split_with_sizes([self.inter, self.inter], dim=-1)
+            y = torch.addmm(y, F.silu(g) * u, w2_t, alpha=w)
+        return y
+
+    def _transposed(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's w13^T [H, 2I] and w2^T [I, H]: views prepared once for full-precision stacks in `dtype` (kept
+        while the stacks are the same storage, so in-place updates show through), else expert_weights'."""
+        if self._dense_weights() and self.w13.dtype == dtype:
+            key = (self.w13.data_ptr(), self.w2.data_ptr(), self.w13.shape[0])
+            if self._views is None or self._views[0] != key:
+                self._views = (key, [w.t() for w in self.w13.detach().unbind(0)],
+                               [w.t() for w in self.w2.detach().unbind(0)])
+            return self._views[1][e], self._views[2][e]
+        w13, w2 = self.expert_weights(e, dtype)
+        return w13.t(), w2.t()
 
 
 def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -268,6 +288,12 @@ class LocalDispatcher:
 
 
 class MoE(nn.Module):
+    """DeepSeekMoE: route (the gate) -> dispatch -> routed experts -> combine, plus the shared experts.
+
+    A single token at inference (decode at batch 1, on CPU) skips dispatch and combine: its K experts run one
+    after another (`RoutedExperts.forward_token`), with `experts.impl` "auto" or "loop" and the local dispatcher.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -281,6 +307,10 @@ class MoE(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}  # balance losses of the last training forward
         self.load: torch.Tensor | None = None  # tokens per expert in the last forward (detached) [E]
 
+    def _single_token_path(self, x: torch.Tensor) -> bool:
+        return (not self.training and x.device.type == "cpu" and self.experts.impl in ("auto", "loop")
+                and type(self.dispatcher) is LocalDispatcher and not torch.compiler.is_compiling())
+
     def forward(self, x: torch.Tensor, drop_exempt: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, H]. drop_exempt [B]: sequences token dropping leaves whole (the model draws them once per
         forward so every layer keeps the same ones; drawn here if not given)."""
@@ -292,9 +322,13 @@ class MoE(nn.Module):
             self.aux = balance_losses(scores.view(B, T, -1), topk_idx.view(B, T, -1), self.cfg)
             if self.cfg.token_drop:
                 keep = device_token_drop(scores.gather(1, topk_idx), topk_idx, B, self.cfg, drop_exempt)
-        rows, counts, row_w, state = self.dispatcher.dispatch(xf, topk_idx, topk_w, self.n_experts, keep)
-        self.load = counts.detach()
-        y = self.dispatcher.combine(self.experts(rows, counts, row_w), state).view(B, T, H)
+        if xf.shape[0] == 1 and self._single_token_path(xf):
+            y = self.experts.forward_token(xf, topk_idx[0], topk_w[0]).view(B, T, H)
+            self.load = None
+        else:
+            rows, counts, row_w, state = self.dispatcher.dispatch(xf, topk_idx, topk_w, self.n_experts, keep)
+            self.load = counts.detach()
+            y = self.dispatcher.combine(self.experts(rows, counts, row_w), state).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

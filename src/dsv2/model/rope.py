@@ -108,10 +108,24 @@ class RotaryEmbedding(torch.nn.Module):
         return angles.cos() * self.mscale, angles.sin() * self.mscale
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x [B, T, H, d] (or [B, T, d]); cos/sin [B, T, d/2]. Computed in float32."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cis: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Rotate interleaved pairs. x [B, T, H, d] (or [B, T, d]); cos/sin [B, T, d/2]. Computed in float32.
+
+    cis (complex64 cos + i sin, [B, T, d/2], made once per forward) takes the fast path: one complex multiply on a
+    view of x, 4 ops instead of 12 (what per-token decode pays for). torch.compile traces the real formulation.
+    """
     if x.dim() == 4:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        cis = None if cis is None else cis[:, :, None, :]
+    if cis is not None and not torch.compiler.is_compiling():
+        xf = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))
+        try:
+            xc = torch.view_as_complex(xf)  # a view when the pairs sit at even offsets and strides
+        except RuntimeError:
+            xc = torch.view_as_complex(xf.contiguous())
+        out = torch.view_as_real(xc * cis).flatten(-2)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
