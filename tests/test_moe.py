@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv2 import DeepseekV2, ModelConfig
-from dsv2.model.moe import MoE, balance_losses, device_token_drop
+from dsv2.model.moe import LocalDispatcher, MoE, balance_losses, device_token_drop
 
 
 def _cfg(**kw):
@@ -197,3 +197,55 @@ def test_bf16_autocast_training_step_runs():
     (logits.float().logsumexp(-1).mean() + model.balance_losses()["total"]).backward()
     assert model.model.layers[1].mlp.experts.w13.grad.dtype == torch.float32
     assert torch.isfinite(model.model.layers[1].mlp.experts.w13.grad).all()
+
+
+def test_exempt_sequences_are_drawn_once_per_forward_and_kept_whole_in_every_layer(monkeypatch):
+    """Token dropping's exempt set (drop_exempt_fraction of the sequences) is one draw per forward, shared by every
+    MoE layer, so an exempt sequence really keeps all its tokens; drawn per layer, no sequence would be kept whole."""
+    import dsv2.model.moe as moe_mod
+
+    cfg = ModelConfig.from_preset("tiny", num_hidden_layers=5, token_drop=True, capacity_factor=0.5,
+                                  drop_exempt_fraction=0.5)
+    model = DeepseekV2(cfg).train()
+    seen = []
+    real = moe_mod.device_token_drop
+
+    def spy(affinity, topk_idx, batch_size, cfg, exempt_seq=None):
+        keep = real(affinity, topk_idx, batch_size, cfg, exempt_seq)
+        seen.append((exempt_seq, keep))
+        return keep
+
+    monkeypatch.setattr(moe_mod, "device_token_drop", spy)
+    for _ in range(3):
+        seen.clear()
+        model(torch.randint(0, 512, (16, 8)))
+        assert len(seen) == 4  # the MoE layers
+        exempt = seen[0][0]
+        assert exempt is not None and exempt.any() and not exempt.all()
+        for ex, keep in seen:
+            assert torch.equal(ex, exempt)
+            assert keep.view(16, 8, -1)[exempt].all()  # every pair of an exempt sequence survives, every layer
+        assert any((~keep).any() for _, keep in seen)  # and dropping does happen
+
+
+class _RecordingDispatcher(LocalDispatcher):
+    """A dispatcher installed from outside the model (as expert parallelism will be): counts rows it sends."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def dispatch(self, x, topk_idx, topk_w, n_experts, keep=None):
+        out = super().dispatch(x, topk_idx, topk_w, n_experts, keep)
+        self.rows += out[0].shape[0]
+        return out
+
+
+def test_a_dispatcher_installed_from_outside_carries_the_moe():
+    model = DeepseekV2(ModelConfig.from_preset("tiny", initializer_range=0.1)).eval()
+    ids = torch.randint(0, 512, (2, 6))
+    want = model(ids)
+    installed = [_RecordingDispatcher() for _ in model.moe_layers()]
+    for moe, d in zip(model.moe_layers(), installed):
+        moe.dispatcher = d
+    assert torch.allclose(model(ids), want, atol=1e-6)
+    assert [d.rows for d in installed] == [2 * 6 * 2] * len(installed)  # every token-expert pair went through

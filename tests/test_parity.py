@@ -15,6 +15,8 @@ CONFIGS = {
     "norm_topk": dict(norm_topk_prob=True, num_experts_per_tok=3),
     "yarn": dict(rope_scaling=yarn_scaling(factor=4.0, original_max=32), max_position_embeddings=128),
     "two_dense_layers": dict(first_k_dense_replace=2, n_shared_experts=2, routed_scaling_factor=16.0),
+    # the q/kv latent norms keep eps 1e-6 whatever rms_norm_eps says (DeepSeek's reference, and transformers)
+    "large_rms_norm_eps": dict(rms_norm_eps=0.1),
 }
 
 
