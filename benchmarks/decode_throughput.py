@@ -3,6 +3,7 @@
     python benchmarks/decode_throughput.py                     # small + coarse shapes, batch 1 and 16, 1 and 2 threads
     python benchmarks/decode_throughput.py --shape small --batch 1 --threads 1 --profile   # + what bounds decode
     python benchmarks/decode_throughput.py --extra             # + FP8 weights / int8 KV rows through the Engine
+    python benchmarks/decode_throughput.py --compile           # + torch.compile'd decode steps (inductor)
 
 Shapes: `small` (the preset: 64 fine-grained routed experts, top-6, group-limited) and `coarse` (the same model
 with 16 routed experts of 4x the width, top-4, greedy routing: transformers' per-expert loop is cheapest there).
@@ -24,17 +25,12 @@ import tempfile
 import time
 
 import torch
-from common import save, table
+from common import SHAPES, save, shape_config, table
 
 from dsv2 import DeepseekV2, ModelConfig, generate, save_checkpoint
 from dsv2.infer.engine import Engine, SamplingParams
 from dsv2.model.fp8 import convert_model_fp8
 
-SHAPES = {
-    "small": {},
-    "coarse": dict(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256, topk_method="greedy",
-                   n_group=1, topk_group=1),
-}
 
 
 def best_of(fns: dict, repeats: int) -> dict[str, float]:
@@ -64,7 +60,7 @@ def load_hf(model: DeepseekV2):
 
 def run_shape(shape: str, args) -> list[dict]:
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("small", **SHAPES[shape])
+    cfg = shape_config(shape)
     model = DeepseekV2(cfg).eval()
     hf = load_hf(model)
     n_new = args.new_tokens
@@ -82,6 +78,9 @@ def run_shape(shape: str, args) -> list[dict]:
             budget = 2 * B * (args.prompt_len + n_new) * 4 * cfg.num_hidden_layers * cfg.kv_cache_dim
             built = {name: Engine(m, budget, kv_cache_dtype=kv, max_batch_size=B, prefill_chunk=4096)
                      for name, (m, kv) in engines.items()}
+            if args.compile:
+                built["dsv2 Engine compiled"] = Engine(model, budget, max_batch_size=B, prefill_chunk=4096,
+                                                       compile=True)
 
             def hf_run():
                 with torch.inference_mode():
@@ -90,6 +89,8 @@ def run_shape(shape: str, args) -> list[dict]:
                 return out[:, args.prompt_len:].tolist()
 
             runs = {"transformers": hf_run, "dsv2.generate": lambda: generate(model, prompts, n_new)}
+            if args.compile:
+                runs["dsv2.generate compiled"] = lambda: generate(model, prompts, n_new, compile=True)
             runs |= {name: (lambda e=e: [o.token_ids for o in e.generate(
                 prompts, SamplingParams(max_tokens=n_new, ignore_eos=True))]) for name, e in built.items()}
             secs = best_of(runs, args.repeats)
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--extra", action="store_true", help="also FP8 weights and 8-bit KV cache rows")
     ap.add_argument("--profile", action="store_true", help="profile one batch-1 decode step per shape")
+    ap.add_argument("--compile", action="store_true",
+                    help="also dsv2.generate and the Engine with torch.compile'd decode steps (compiling takes minutes)")
     args = ap.parse_args()
     rows = []
     for shape in (SHAPES if args.shape == "both" else [args.shape]):

@@ -153,16 +153,20 @@ def test_engine_generate_and_recompute_agree():
 
 
 def test_compiled_decode_equals_eager():
-    """torch.compile of the one forward (the engine's decode step) on CPU gives the eager tokens. The aot_eager
-    backend checks the graph capture (no graph breaks: tests/infer/test_engine.py's slow test runs inductor)."""
+    """torch.compile of the one forward (the decode step of the Engine and of dsv2.generate) on CPU gives the eager
+    tokens. The aot_eager backend checks the graph capture (no graph breaks, no recompile per step);
+    tests/infer/test_engine.py's slow test runs inductor."""
+    from torch._dynamo.utils import counters
+
     model = tiny_model()
     prompts = [[5, 9, 300, 41], [7, 7, 8, 1, 2, 3, 4, 5, 6]]
     sp = SamplingParams(max_tokens=6)
     eager = [o.token_ids for o in Engine(model, num_blocks=32, eos_token_id=None).generate(prompts, sp)]
     torch._dynamo.reset()
-    compiled = Engine(model, num_blocks=32, eos_token_id=None, compile="aot_eager")
-    from torch._dynamo.utils import counters
-
     counters.clear()
-    assert [o.token_ids for o in compiled.generate(prompts, sp)] == eager
+    engine = Engine(model, num_blocks=32, eos_token_id=None, compile="aot_eager")
+    assert [o.token_ids for o in engine.generate(prompts, sp)] == eager
+    assert [o.token_ids for o in engine.generate(prompts[::-1], sp)] == eager[::-1]
+    assert generate(model, prompts, 6, compile="aot_eager") == eager
     assert not counters["graph_break"]  # the whole decode forward is one graph
+    assert counters["stats"]["unique_graphs"] <= 3  # one per cache type (+ batch 1), not one per step

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,22 @@ from dsv2.model import DeepseekV2
 
 log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
+
+
+_COMPILED: "weakref.WeakKeyDictionary[DeepseekV2, dict]" = weakref.WeakKeyDictionary()
+
+
+def compiled(model: DeepseekV2, compile: bool | str = True):
+    """The model's forward under torch.compile for decode steps, made once per model and backend (dsv2.generate
+    and every Engine over the same model share it). dynamic=True: one graph for all batch sizes and cache lengths.
+    CUDA graphs ("reduce-overhead") with inductor on GPU."""
+    backend = compile if isinstance(compile, str) else "inductor"
+    per_model = _COMPILED.setdefault(model, {})
+    if backend not in per_model:
+        cuda = model.lm_head.weight.device.type == "cuda"
+        mode = "reduce-overhead" if cuda and backend == "inductor" else None
+        per_model[backend] = torch.compile(model, dynamic=True, mode=mode, backend=backend)
+    return per_model[backend]
 
 
 class QueueFull(RuntimeError):
@@ -113,7 +130,8 @@ class Engine:
     model's dtype), "bf16", "fp16", "fp32", "fp8" or "int8" (8-bit with per-token scales). Prefill and decode
     both run the model's own forward (absorbed MLA over the blocks for decode and chunked prefill). compile:
     torch.compile that forward for decode steps (off by default: eager is the CPU path; on CUDA this also captures
-    CUDA graphs); a string names the torch.compile backend instead of inductor (e.g. "aot_eager"). eos_token_id: -1 takes the config's, None never stops on eos.
+    CUDA graphs); a string names the torch.compile backend instead of inductor (e.g. "aot_eager").
+    eos_token_id: -1 takes the config's, None never stops on eos.
     admission: "optimistic" admits a request when its prompt fits (blocks for its output are taken as it grows,
     preempting the newest request when the pool runs dry: best memory use when outputs end early);
     "reserve" admits it only when prompt + max_tokens fit beside what the running requests may still need
@@ -149,11 +167,7 @@ class Engine:
         self._watermark = max(1, self.pool.num_blocks // 100)  # headroom kept when admitting, against thrashing
         self.num_preemptions = self.num_aborted = 0
         self._decode_model = model
-        if compile:  # the decode step only (shapes vary less); CUDA graphs on GPU via "reduce-overhead"
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            backend = compile if isinstance(compile, str) else "inductor"
-            self._decode_model = torch.compile(model, dynamic=True, mode=mode if backend == "inductor" else None,
-                                               backend=backend)
+        self._decode_model = compiled(model, compile) if compile else model
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,

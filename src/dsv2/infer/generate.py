@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from dsv2.infer.engine import compiled
 from dsv2.infer.sampling import sample_next
 from dsv2.model import DeepseekV2
 
 
 @torch.inference_mode()
 def generate(model: DeepseekV2, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None, seed: int | None = None
-             ) -> list[list[int]]:
-    """Generate up to max_new_tokens for each prompt; returns the new tokens only (eos included if hit)."""
+             top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None, seed: int | None = None,
+             compile: bool | str = False) -> list[list[int]]:
+    """Generate up to max_new_tokens for each prompt; returns the new tokens only (eos included if hit).
+
+    compile: run the decode steps through torch.compile (made once per model and shared with the Engine; worth it
+    for long-running use: the first call compiles for a minute or more on CPU, then each step skips the per-op
+    overhead that bounds eager batch-1 decode)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 0:
@@ -32,6 +37,7 @@ def generate(model: DeepseekV2, prompts: list[list[int]], max_new_tokens: int, t
     if seed is not None:
         gen = [torch.Generator(device=device).manual_seed(seed + b) for b in range(B)]
 
+    step_model = compiled(model, compile) if compile else model
     last = torch.tensor([n - 1 for n in lengths], device=device)
     logits = model(ids, cache=cache, input_lengths=lengths, output_positions=last)  # [B, V]
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
@@ -47,5 +53,5 @@ def generate(model: DeepseekV2, prompts: list[list[int]], max_new_tokens: int, t
             if bool(done.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits = model(tok[:, None], cache=cache)[:, 0]
+            logits = step_model(tok[:, None], cache=cache)[:, 0]
     return [out[b, : int(n_out[b])].tolist() for b in range(B)]
