@@ -54,3 +54,14 @@ def test_info_cli_table_and_json(capsys):
     assert "activated" not in p  # no key that leaves the convention open
     assert (p["total"], p["activated_excluding_embedding"], p["activated_including_embedding"]) == (
         235_741_434_880, 20_851_512_320, 21_375_800_320)
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`dsv2 info ... | head`: a reader that is gone is no traceback and no error exit (`true` closes the pipe
+    before dsv2 writes, so the write always fails)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m dsv2.cli info --preset v2 | true; echo ${{PIPESTATUS[0]}}",
+                          shell=True, capture_output=True, text=True, executable="/bin/bash")
+    assert proc.stdout.strip() == "0" and proc.stderr == ""
