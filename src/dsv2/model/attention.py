@@ -148,12 +148,11 @@ class LatentCache:
         self.lengths = self.lengths + torch.tensor(n_new, device=self.lengths.device)
 
 
-def linear_weight(mod: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight of a linear layer (in `dtype` if given), dequantising FP8 block-quantised weights."""
+def linear_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of a linear layer in `dtype` (the compute dtype), dequantising FP8 block-quantised weights
+    straight into it (no bf16 detour, so FP8 decode equals FP8 prefill)."""
     deq = getattr(mod, "dequantized_weight", None)
-    if callable(deq):
-        return deq(dtype or torch.bfloat16)
-    return mod.weight if dtype is None else mod.weight.to(dtype)
+    return deq(dtype) if callable(deq) else mod.weight.to(dtype)
 
 
 class MLA(nn.Module):
