@@ -170,3 +170,22 @@ def test_compiled_decode_equals_eager():
     assert generate(model, prompts, 6, compile="aot_eager") == eager
     assert not counters["graph_break"]  # the whole decode forward is one graph
     assert counters["stats"]["unique_graphs"] <= 3  # one per cache type (+ batch 1), not one per step
+
+
+def test_compile_freezes_weights_on_cpu_except_fp8_and_recompiles_after_an_update(monkeypatch):
+    """inductor on CPU freezes the weights into the code (not FP8 ones: they would be folded in at full size), so an
+    in-place weight update must make a fresh compile; an unchanged model reuses its compiled forward."""
+    import dsv2.infer.engine as engine_mod
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or m)
+    model, fp8 = tiny_model(), convert_model_fp8(tiny_model())
+    engine_mod.compiled(model)
+    engine_mod.compiled(fp8)
+    assert calls[0]["options"] == {"freezing": True} and calls[1]["options"] is None
+    engine_mod.compiled(model)
+    assert len(calls) == 2  # same weights: reused
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    engine_mod.compiled(model)
+    assert len(calls) == 3  # updated in place: compiled again

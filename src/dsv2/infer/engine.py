@@ -32,6 +32,7 @@ import torch
 from dsv2.infer.paged import PagedBatch, PagedLatentPool
 from dsv2.infer.sampling import sample_next
 from dsv2.model import DeepseekV2
+from dsv2.model.fp8 import is_fp8
 
 log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
@@ -40,28 +41,32 @@ MAX_LOGPROBS = 20
 _COMPILED: "weakref.WeakKeyDictionary[DeepseekV2, dict]" = weakref.WeakKeyDictionary()
 
 
+def _weights_key(model: DeepseekV2) -> tuple:
+    return tuple((id(t), t._version) for t in model.parameters())
+
+
 def compiled(model: DeepseekV2, compile: bool | str = True):
     """The model's forward under torch.compile for decode steps, made once per model and backend (dsv2.generate
     and every Engine over the same model share it). dynamic=True: one graph for all batch sizes and cache lengths.
 
     inductor on CPU uses freezing (weights constant-folded into the compiled code and prepacked for oneDNN: about
-    1.3x faster batch-1 decode than plain inductor on the small preset), so the compiled code is keyed by the
+    1.3x faster batch-1 decode than plain inductor on the small preset; not for FP8 models, whose weights would be
+    folded in dequantized, i.e. at full size), so the compiled code is keyed by the
     weights' identity and version: a weight changed in place (an optimizer step) or replaced is seen by compiling
     again, never silently missed. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
     """
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
-    freeze = backend == "inductor" and not cuda
-    weights = tuple((id(t), t._version) for t in model.parameters()) if freeze else None
     per_model = _COMPILED.setdefault(model, {})
-    hit = per_model.get(backend)
-    if hit is None or hit[0] != weights:
+    hit = per_model.get(backend)  # (the frozen weights' key, or None when not frozen; the compiled forward)
+    if hit is None or (hit[0] is not None and hit[0] != _weights_key(model)):
         if hit is not None:
             torch._dynamo.reset()  # drop the code compiled against the old weights
+        freeze = backend == "inductor" and not cuda and not is_fp8(model)
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
-        options = {"freezing": True} if freeze else None
-        per_model[backend] = hit = (weights, torch.compile(model, dynamic=True, mode=mode, backend=backend,
-                                                           options=options))
+        fn = torch.compile(model, dynamic=True, mode=mode, backend=backend,
+                           options={"freezing": True} if freeze else None)
+        per_model[backend] = hit = (_weights_key(model) if freeze else None, fn)
     return hit[1]
 
 
