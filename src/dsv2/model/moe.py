@@ -79,40 +79,14 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 LOOP_MAX_ACTIVE_EXPERTS = 48
 
 
-@torch.library.custom_op("dsv2::expert_loop", mutates_args=())
-def expert_loop(x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor) -> torch.Tensor:
-    """The loop path as one opaque op for torch.compile (inference): rows x [M, H] grouped by expert (counts [E]),
-    gate weights row_weight [M], stacks w13 [E, 2I, H] and w2 [E, H, I] -> [M, H]. Its output shape is static, so
-    compiled decode runs the busy experts one matmul each instead of copying every row's expert weights."""
-    inter = w2.shape[-1]
-    n = counts.tolist()
-    h, out = x.new_empty(x.shape[0], 2 * inter), torch.empty_like(x)
-    busy = [e for e, c in enumerate(n) if c]
-    xs, hs = x.split_with_sizes(n), h.split_with_sizes(n)
-    for e in busy:
-        torch.mm(xs[e], w13[e].t(), out=hs[e])
-    g, u = h.split([inter, inter], dim=-1)
-    a_s, outs = (F.silu(g) * u * row_weight[:, None].to(x.dtype)).split_with_sizes(n), out.split_with_sizes(n)
-    for e in busy:
-        torch.mm(a_s[e], w2[e].t(), out=outs[e])
-    return out
-
-
-@expert_loop.register_fake
-def _(x, counts, row_weight, w13, w2):
-    return torch.empty_like(x)
-
-
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored stacked. forward(x_sorted [M, H], counts [E]) with rows grouped by expert.
 
     impl: "grouped" (one torch._grouped_mm per projection), "loop" (one matmul per expert that has rows, into
-    shared buffers: the small-batch path of decode; under torch.compile it runs as the opaque op `expert_loop`),
-    "gathered" (each row's expert weights gathered, then one batched matmul: static shapes, traceable with grad
-    too), or "auto": grouped for training and on CUDA, the loop where grouped_mm cannot run or, on CPU, when few
-    experts have rows; while compiling, grouped where its bf16 kernel traces, else the loop for inference with
-    full-precision stacks, else gathered. Tests check the paths agree.
+    shared buffers: the small-batch path of decode), "gathered" (each row's expert weights gathered, then one
+    batched matmul: static shapes, what torch.compile traces), or "auto": gathered while compiling, grouped for
+    training and on CUDA, the loop where grouped_mm cannot run or, on CPU, when few experts have rows. Tests check
+    the paths agree.
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int):
@@ -138,10 +112,7 @@ class RoutedExperts(nn.Module):
         if self.impl != "auto":
             return self.impl, None
         if torch.compiler.is_compiling():
-            if _grouped_mm_ok(x) and x.dtype == torch.bfloat16:  # torch 2.13 traces grouped_mm in bf16 only
-                return "grouped", None
-            inference = not (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad))
-            return ("loop" if inference and self._dense_weights() else "gathered"), None
+            return "gathered", None
         if not _grouped_mm_ok(x):
             return "loop", None
         if x.device.type != "cpu" or (torch.is_grad_enabled() and self.w13.requires_grad):
@@ -171,12 +142,8 @@ class RoutedExperts(nn.Module):
             w13, w2 = self.weights(x.dtype, expert_of_row)  # [M, 2I, H], [M, H, I]
             h = torch.bmm(w13, x[:, :, None])[..., 0]
             return torch.bmm(w2, self._act(h, row_weight)[:, :, None])[..., 0]
-        inference = not (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad))
-        if inference and torch.compiler.is_compiling() and self._dense_weights():
-            ones = x.new_ones(x.shape[0]) if row_weight is None else row_weight
-            return expert_loop(x, counts, ones, self.w13.to(x.dtype), self.w2.to(x.dtype))
         n = counts.tolist() if n is None else n
-        if inference:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad)):
             return self._loop_into_buffers(x, n, row_weight)
         outs, start = [], 0  # differentiable loop (training where grouped_mm cannot run)
         for e, c in enumerate(n):
