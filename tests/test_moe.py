@@ -249,3 +249,32 @@ def test_a_dispatcher_installed_from_outside_carries_the_moe():
         moe.dispatcher = d
     assert torch.allclose(model(ids), want, atol=1e-6)
     assert [d.rows for d in installed] == [2 * 6 * 2] * len(installed)  # every token-expert pair went through
+
+
+def test_compiled_bf16_training_step_matches_eager():
+    """The CUDA training recipe (bf16 autocast + torch.compile) traced on CPU: the grouped experts compile (bf16
+    grouped_mm traces) in one graph, forward and backward equal eager."""
+    from torch._dynamo.utils import counters
+
+    model = DeepseekV2(ModelConfig.from_preset("tiny", initializer_range=0.1)).train()
+    x = torch.randint(0, 512, (2, 16))
+    grads = []
+    for fn in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        counters.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x).float()
+        out.logsumexp(-1).mean().backward()
+        grads.append((out.detach(), model.model.layers[1].mlp.experts.w13.grad.clone()))
+    assert not counters["graph_break"]
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_compiled_expert_path_is_grouped_in_bf16_and_gathered_otherwise(monkeypatch):
+    """While compiling, bf16 takes grouped_mm (per-row gathered weights would hold tokens x K expert matrices: far
+    too much memory for training), and only fp32 on CPU, where grouped_mm does not trace, gathers."""
+    experts = _moe().experts
+    counts = torch.tensor([2] * 8 + [0] * 8)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert experts._choose(torch.randn(16, 32, dtype=torch.bfloat16), counts)[0] == "grouped"
+    assert experts._choose(torch.randn(16, 32), counts)[0] == "gathered"

@@ -84,8 +84,8 @@ class RoutedExperts(nn.Module):
 
     impl: "grouped" (one torch._grouped_mm per projection), "loop" (one matmul per expert that has rows, into
     shared buffers: the small-batch path of decode), "gathered" (each row's expert weights gathered, then one
-    batched matmul: static shapes, what torch.compile traces), or "auto": gathered while compiling, grouped for
-    training and on CUDA, the loop where grouped_mm cannot run or, on CPU, when few experts have rows. Tests check
+    batched matmul: static shapes, what torch.compile traces), or "auto": while compiling grouped where its bf16
+    kernel traces (training on CUDA) and gathered otherwise; else grouped for training and on CUDA, the loop where grouped_mm cannot run or, on CPU, when few experts have rows. Tests check
     the paths agree.
     """
 
@@ -111,8 +111,8 @@ class RoutedExperts(nn.Module):
     def _choose(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[str, list[int] | None]:
         if self.impl != "auto":
             return self.impl, None
-        if torch.compiler.is_compiling():
-            return "gathered", None
+        if torch.compiler.is_compiling():  # static shapes only: grouped_mm traces in bf16 (torch 2.13), else gather
+            return ("grouped" if _grouped_mm_ok(x) and x.dtype == torch.bfloat16 else "gathered"), None
         if not _grouped_mm_ok(x):
             return "loop", None
         if x.device.type != "cpu" or (torch.is_grad_enabled() and self.w13.requires_grad):
