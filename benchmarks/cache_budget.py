@@ -45,29 +45,32 @@ class ExpandedKVCache:
         self.k = torch.zeros(L, batch_size, max_len + 1, H, cfg.qk_head_dim)
         self.v = torch.zeros(L, batch_size, max_len + 1, H, cfg.v_head_dim)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.lengths_host = [0] * batch_size
 
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 
-    def advance(self, n: torch.Tensor) -> None:
-        self.lengths += n
+    def advance(self, n_new: list[int]) -> None:
+        self.lengths_host = [a + b for a, b in zip(self.lengths_host, n_new)]
+        self.lengths = self.lengths + torch.tensor(n_new)
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig) -> int:
         return cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
 
 
-def expanded_attention(self, x, cos, sin, cache=None, ctx=None, impl="auto"):
+def expanded_attention(self, x, ctx, cache=None, impl="auto"):
     """MLA's projections, then naive attention over cached per-head K/V (replaces MLA.forward on a copy)."""
     B, T, _ = x.shape
-    q_nope, q_rope, kv_latent, rope_key = self.project(x, cos, sin)
+    q_nope, q_rope, kv_rows = self.project(x, ctx)
+    kv_latent, rope_key = kv_rows.split([self.kv_lora_rank, self.rope_dim], dim=-1)
     q = torch.cat([q_nope, q_rope], dim=-1)
     kv = self.kv_b_proj(kv_latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
     k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
     rope_key = rope_key[:, :, None].expand(B, T, self.n_heads, self.rope_dim)
     k = torch.cat([k_nope, rope_key], dim=-1)
-    pos = torch.where(ctx.valid, ctx.positions, cache.max_len)
+    pos = ctx.positions if ctx.valid is None else torch.where(ctx.valid, ctx.positions, cache.max_len)
     b = torch.arange(B)[:, None]
     cache.k[self.layer_idx][b, pos] = k
     cache.v[self.layer_idx][b, pos] = v
