@@ -47,10 +47,6 @@ class ExpandedKVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.lengths_host = [0] * batch_size
 
-    @property
-    def batch_size(self) -> int:
-        return self.lengths.shape[0]
-
     def advance(self, n_new: list[int]) -> None:
         self.lengths_host = [a + b for a, b in zip(self.lengths_host, n_new)]
         self.lengths = self.lengths + torch.tensor(n_new)

@@ -49,10 +49,9 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
     """The model's forward under torch.compile for decode steps, made once per model and backend (dsv2.generate
     and every Engine over the same model share it). dynamic=True: one graph for all batch sizes and cache lengths.
 
-    inductor on CPU uses freezing (weights constant-folded into the compiled code and prepacked for oneDNN: about
-    1.3x faster batch-1 decode than plain inductor on the small preset; not for FP8 models, whose weights would be
-    folded in dequantized, i.e. at full size), so the compiled code is keyed by the
-    weights' identity and version: a weight changed in place (an optimizer step) or replaced is seen by compiling
+    inductor on CPU uses freezing (weights constant-folded into the compiled code and prepacked for oneDNN, which
+    made batch-1 decode faster than plain inductor; not for FP8 models, whose weights would be folded in
+    dequantized, i.e. at full size), so the compiled code is keyed by the weights' identity and version: a weight changed in place (an optimizer step) or replaced is seen by compiling
     again, never silently missed. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
     """
     backend = compile if isinstance(compile, str) else "inductor"

@@ -10,7 +10,7 @@ scores with a single matmul against [q_latent ; q_rope].
 
 A request owns a list of blocks (its block table); the engine allocates them on demand as the request grows and
 frees them when it ends. For one forward the engine builds a `PagedBatch` over the rows it runs; the model sees it
-as its cache (`lengths`, `batch_size`, `max_len`, `update`, `advance`), and `update` writes this step's latents
+as its cache (`lengths`, `lengths_host`, `max_len`, `update`, `advance`), and `update` writes this step's latents
 into the blocks and gathers each row's whole context back for the absorbed attention.
 
     pool = PagedLatentPool.from_memory(cfg, "256MB", block_size=16, kv_dtype="int8")
@@ -150,10 +150,6 @@ class PagedBatch:
         self.lengths_host = list(lengths)
         self.lengths = torch.tensor(lengths, device=dev)
         self.max_len = width * pool.block_size
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths_host)
 
     def update(self, layer: int, rows: torch.Tensor, ctx, dtype: torch.dtype) -> torch.Tensor:
         """Write this step's rows [B, T, r + dr]; return every row's first ctx.kv_len cached rows [B, S, r + dr]."""

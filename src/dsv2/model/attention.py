@@ -113,23 +113,11 @@ class LatentCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
-        self.max_len, self.r = max_len, cfg.kv_lora_rank
+        self.max_len = max_len
         self.rows = torch.zeros(cfg.num_hidden_layers, batch_size, max_len + 1, cfg.kv_cache_dim, dtype=dtype,
                                 device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lengths_host = [0] * batch_size
-
-    @property
-    def kv_latent(self) -> torch.Tensor:  # [L, B, max_len + 1, r]
-        return self.rows[..., : self.r]
-
-    @property
-    def rope_key(self) -> torch.Tensor:  # [L, B, max_len + 1, dr]
-        return self.rows[..., self.r:]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths_host)
 
     def nbytes(self) -> int:
         return self.rows.nbytes

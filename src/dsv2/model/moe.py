@@ -84,9 +84,9 @@ class RoutedExperts(nn.Module):
 
     impl: "grouped" (one torch._grouped_mm per projection), "loop" (one matmul per expert that has rows, into
     shared buffers: the small-batch path of decode), "gathered" (each row's expert weights gathered, then one
-    batched matmul: static shapes, what torch.compile traces), or "auto": while compiling grouped where its bf16
-    kernel traces (training on CUDA) and gathered otherwise; else grouped for training and on CUDA, the loop where grouped_mm cannot run or, on CPU, when few experts have rows. Tests check
-    the paths agree.
+    batched matmul: static shapes, what torch.compile traces), or "auto": while compiling, grouped where its bf16
+    kernel traces (training on CUDA) and gathered otherwise; else grouped for training and on CUDA, the loop where
+    grouped_mm cannot run or, on CPU, when few experts have rows. Tests check the paths agree.
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int):
@@ -115,7 +115,7 @@ class RoutedExperts(nn.Module):
             return ("grouped" if _grouped_mm_ok(x) and x.dtype == torch.bfloat16 else "gathered"), None
         if not _grouped_mm_ok(x):
             return "loop", None
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and self.w13.requires_grad):
+        if x.device.type != "cpu" or self._needs_grad(x):
             return "grouped", None
         n = counts.tolist()  # the loop needs them anyway; a CPU sync costs nothing
         return ("loop" if sum(c > 0 for c in n) <= LOOP_MAX_ACTIVE_EXPERTS else "grouped"), n
@@ -143,7 +143,7 @@ class RoutedExperts(nn.Module):
             h = torch.bmm(w13, x[:, :, None])[..., 0]
             return torch.bmm(w2, self._act(h, row_weight)[:, :, None])[..., 0]
         n = counts.tolist() if n is None else n
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad)):
+        if not self._needs_grad(x):
             return self._loop_into_buffers(x, n, row_weight)
         outs, start = [], 0  # differentiable loop (training where grouped_mm cannot run)
         for e, c in enumerate(n):
@@ -153,6 +153,9 @@ class RoutedExperts(nn.Module):
                 outs.append(F.linear(self._act(F.linear(x[start:start + c], w13), w), w2))
                 start += c
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad)
 
     def _dense_weights(self) -> bool:
         return self.w13.dtype != torch.float8_e4m3fn
