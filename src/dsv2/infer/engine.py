@@ -83,18 +83,28 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; 0: the chosen token's; k: also the k most likely (<= 20)
+    # None: off; k >= 0: the log-prob of every prompt token after the first (and its k most likely), computed by
+    # the prefill forward itself; with max_tokens 0 the request ends after its prefill
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 2.0:
+        """Range-check every field (a value that passes must never fail inside the batched step)."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0 or (
+                self.max_tokens == 0 and self.prompt_logprobs is None):
+            raise ValueError(f"max_tokens must be a positive integer (0 only with prompt_logprobs), "
+                             f"got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:  # also refuses NaN
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
+            raise ValueError(f"top_k must be in [0, 2**31), got {self.top_k}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
 
 
 @dataclass
@@ -109,6 +119,9 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # with params.prompt_logprobs, on the request's first output: (logprob, top [(id, logprob)]) of prompt
+    # tokens 1.. (token 0 has none)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -122,6 +135,7 @@ class Request:
     n_cached: int = 0  # tokens whose latents are in the blocks
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    prompt_lps: list | None = None  # prompt log-probs gathered so far (kept over a preemption), None once sent
 
     @property
     def num_output(self) -> int:
@@ -137,6 +151,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # see RequestOutput
 
 
 class Engine:
@@ -195,7 +210,8 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"duplicate request id {rid!r}")
-        req = Request(rid, list(prompt), params, seq=next(self._ids), tokens=list(prompt))
+        req = Request(rid, list(prompt), params, seq=next(self._ids), tokens=list(prompt),
+                      prompt_lps=[] if params.prompt_logprobs is not None else None)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.requests[rid] = req
@@ -210,6 +226,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop token ids must be in [0, {vocab})")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
@@ -291,17 +309,17 @@ class Engine:
     # ---- the step ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Admit, run one decode forward and/or one prefill forward, sample; returns this step's outputs."""
+        """Admit, run one decode forward and/or one prefill forward, sample; returns this step's outputs.
+
+        A request that fails inside the step (its forward or its sampling raises) ends alone, with finish_reason
+        "error": a batch that raises is run again row by row (a row's forward rewrites the same cache slots, and
+        nothing is changed before a row's forward and sampling have both succeeded), so the others go on."""
         self._admit()
         outputs: list[RequestOutput] = []
         decode = [r for r in list(self.running) if r.pending == 1 and r in self.running and self._reserve(r, 1)]
         decode = [r for r in decode if r in self.running]  # reserving for a later row may preempt an earlier one
         if decode:
-            ids = torch.tensor([[r.tokens[-1]] for r in decode], device=self.device)
-            logits = self._forward(decode, ids, [1] * len(decode))
-            for r in decode:
-                r.n_cached += 1
-            outputs += self._sample_and_append(decode, logits)
+            outputs += self._isolated(self._decode, [(r, 1) for r in decode])
         live, budget = [], self.prefill_chunk  # (request, chunk length)
         for r in list(self.running):
             if budget == 0:
@@ -313,28 +331,94 @@ class Engine:
                     budget -= n
         live = [(r, n) for r, n in live if r in self.running]  # a later reservation may have preempted it
         if live:
-            ids = torch.zeros(len(live), max(n for _, n in live), dtype=torch.long)
-            for b, (r, n) in enumerate(live):
-                ids[b, :n] = torch.tensor(r.tokens[r.n_cached:r.n_cached + n])
-            logits = self._forward([r for r, _ in live], ids.to(self.device), [n for _, n in live])
-            done = [b for b, (r, n) in enumerate(live) if n == r.pending]  # the chunk ends the prompt: sample
-            for r, n in live:
-                r.n_cached += n
-            if done:
-                idx = torch.tensor(done, device=logits.device)
-                outputs += self._sample_and_append([live[b][0] for b in done], logits.index_select(0, idx))
+            outputs += self._isolated(self._prefill, live)
         return outputs
 
-    def _forward(self, reqs: list[Request], ids: torch.Tensor, n_new: list[int]) -> torch.Tensor:
-        """Run rows through the model over their blocks; logits [B, V] at each row's last new token."""
-        batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
-        if ids.shape[1] == 1:
-            step_model = compiled(self.model, self.compile) if self.compile else self.model
-            return step_model(ids, cache=batch)[:, 0]
-        last = torch.tensor([n - 1 for n in n_new], device=self.device)
-        return self.model(ids, cache=batch, input_lengths=n_new, output_positions=last)
+    def _isolated(self, run, rows: list[tuple[Request, int]]) -> list[RequestOutput]:
+        try:
+            return run(rows)
+        except Exception:
+            if len(rows) > 1:
+                return [o for row in rows for o in self._isolated(run, [row])]
+            log.exception("request %s failed in the engine; it ends with an error", rows[0][0].id)
+            return [self._fail(rows[0][0])]
 
-    def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+    def _fail(self, req: Request) -> RequestOutput:
+        self.running.remove(req)
+        self.requests.pop(req.id, None)
+        self._release(req)
+        req.finish_reason = "error"
+        return RequestOutput(req.id, [], True, "error", num_prompt_tokens=len(req.prompt),
+                             num_output_tokens=req.num_output)
+
+    def _decode(self, rows: list[tuple[Request, int]]) -> list[RequestOutput]:
+        reqs = [r for r, _ in rows]
+        ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
+        batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
+        step_model = compiled(self.model, self.compile) if self.compile else self.model
+        sampled = self._sample(reqs, step_model(ids, cache=batch)[:, 0])
+        for r in reqs:
+            r.n_cached += 1
+        return self._append(reqs, sampled)
+
+    def _prefill(self, rows: list[tuple[Request, int]]) -> list[RequestOutput]:
+        """One forward over the rows' next prompt chunks; rows whose chunk ends their prompt are sampled."""
+        reqs, n_new = [r for r, _ in rows], [n for _, n in rows]
+        ids = torch.zeros(len(rows), max(n_new), dtype=torch.long)
+        for b, (r, n) in enumerate(rows):
+            ids[b, :n] = torch.tensor(r.tokens[r.n_cached:r.n_cached + n])
+        batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
+        last = torch.tensor([n - 1 for n in n_new], device=self.device)
+        want_prompt = [b for b, r in enumerate(reqs) if r.prompt_lps is not None]
+        # logits at every position only when a row asks for its prompt's log-probs ([B, T, V] then, else [B, V])
+        logits = self.model(ids.to(self.device), cache=batch, input_lengths=n_new,
+                            output_positions=None if want_prompt else last)
+        prompt_lps = {b: self._prompt_logprobs(reqs[b], logits[b, :n_new[b]]) for b in want_prompt}
+        if want_prompt:
+            logits = logits[torch.arange(len(rows), device=logits.device), last]
+        done = [b for b, (r, n) in enumerate(rows) if n == r.pending]  # the chunk ends the prompt: sample
+        to_sample = [b for b in done if reqs[b].params.max_tokens > 0]
+        sampled = None
+        if to_sample:
+            idx = torch.tensor(to_sample, device=logits.device)
+            sampled = self._sample([reqs[b] for b in to_sample], logits.index_select(0, idx))
+        for b, (r, n) in enumerate(rows):  # nothing has failed: commit
+            r.n_cached += n
+            if b in prompt_lps:
+                r.prompt_lps += prompt_lps[b]
+        outputs = self._append([reqs[b] for b in to_sample], sampled) if to_sample else []
+        for b in done:
+            if reqs[b].params.max_tokens == 0:  # only the prompt's log-probs were asked for
+                r = reqs[b]
+                out = RequestOutput(r.id, [], True, "length", num_prompt_tokens=len(r.prompt))
+                out.prompt_logprobs, r.prompt_lps = r.prompt_lps, None
+                r.finish_reason = "length"
+                self.running.remove(r)
+                self.requests.pop(r.id, None)
+                self._release(r)
+                outputs.append(out)
+        return outputs
+
+    def _prompt_logprobs(self, r: Request, logits: torch.Tensor) -> list:
+        """(logprob, top-k) of the prompt tokens this chunk's logits [n, V] predict and r has not got yet (a
+        preempted request recomputes its prompt: those are skipped)."""
+        first = r.n_cached + 1  # logits[j] predict token n_cached + j + 1
+        lo = max(len(r.prompt_lps) + 1, first)
+        hi = min(len(r.prompt), r.n_cached + logits.shape[0] + 1)
+        if lo >= hi:
+            return []
+        lp = logits[lo - first:hi - first].float().log_softmax(dim=-1)
+        target = torch.tensor(r.prompt[lo:hi], device=lp.device)
+        chosen = lp.gather(1, target[:, None])[:, 0].tolist()
+        k = r.params.prompt_logprobs
+        tops = [[]] * len(chosen)
+        if k:
+            vals, idx = lp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        return list(zip(chosen, tops))
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor):
+        """(tokens, chosen log-probs, top log-probs) for each row; changes nothing (a row may still fail)."""
         ps = [r.params for r in reqs]
         if all(p.temperature <= 0 for p in ps):
             tokens = logits.argmax(dim=-1)
@@ -352,8 +436,12 @@ class Engine:
             if k:
                 vals, idx = lp.topk(k, dim=-1)
                 top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        return tokens.tolist(), chosen_lp, top
+
+    def _append(self, reqs: list[Request], sampled) -> list[RequestOutput]:
+        tokens, chosen_lp, top = sampled
         outputs = []
-        for b, (r, t) in enumerate(zip(reqs, tokens.tolist())):
+        for b, (r, t) in enumerate(zip(reqs, tokens)):
             r.tokens.append(t)
             p = r.params
             reason = None
@@ -367,6 +455,8 @@ class Engine:
                 out.logprobs = [chosen_lp[b]]
                 if p.logprobs:
                     out.top_logprobs = [top[b][: p.logprobs]]
+            if r.prompt_lps is not None:  # the first output carries the prompt's log-probs
+                out.prompt_logprobs, r.prompt_lps = r.prompt_lps, None
             if reason is not None:
                 r.finish_reason = reason
                 self.running.remove(r)
@@ -390,6 +480,8 @@ class Engine:
                 res.token_ids += o.token_ids
                 if o.logprobs is not None:
                     res.logprobs = (res.logprobs or []) + o.logprobs
+                if o.prompt_logprobs is not None:
+                    res.prompt_logprobs = o.prompt_logprobs
                 if o.finished:
                     res.finish_reason = o.finish_reason
         return [results[i] for i in ids]

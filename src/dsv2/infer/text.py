@@ -17,11 +17,19 @@ from dsv2.tokenizer import Tokenizer
 
 class TextStream:
     """Feed token ids with push(); get back the text they complete. After a stop string, `stopped` is True and the
-    text ends before it."""
+    text ends before it.
+
+    Stop strings are matched incrementally (one Knuth-Morris-Pratt automaton per stop string, fed each new
+    character once), so a step costs O(new characters x stop strings) whatever the stop strings' lengths. The text
+    ends at the first stop string to complete (the earliest end; of those completing at the same character, the
+    earliest start), which is where a streaming client first learns of it."""
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str] | tuple[str, ...] = ()):
         self.decode = decode
         self.stop = [s for s in stop if s]
+        self._fail = [_kmp_failure(s) for s in self.stop]
+        self._state = [0] * len(self.stop)  # per stop string: its longest prefix that ends the text scanned so far
+        self._scanned = 0  # characters of text fed to the automata
         self.ids: list[int] = []
         self.text = ""  # decoded so far, complete characters only
         self.sent = 0  # characters of text already handed out
@@ -49,20 +57,49 @@ class TextStream:
             self._prefix = self._read = len(self.ids)
         return self._emit(final=True)
 
+    def _scan(self) -> None:
+        """Feed the new characters to the automata; cut the text at the first completed stop string."""
+        for i in range(self._scanned, len(self.text)):
+            ch, cut = self.text[i], None
+            for j, s in enumerate(self.stop):
+                k, fail = self._state[j], self._fail[j]
+                while k and s[k] != ch:
+                    k = fail[k - 1]
+                if s[k] == ch:
+                    k += 1
+                if k == len(s):
+                    cut = i + 1 - k if cut is None else min(cut, i + 1 - k)
+                    k = fail[k - 1]
+                self._state[j] = k
+            if cut is not None:
+                self.text, self.stopped = self.text[:cut], True
+                break
+        self._scanned = len(self.text)
+
     def _emit(self, final: bool) -> str:
         hold = 0
         if self.stop and not self.stopped:
-            longest = max(len(s) for s in self.stop)
-            start = max(0, self.sent - longest + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text, self.stopped, final = self.text[: min(hits)], True, True
+            self._scan()
+            if self.stopped:
+                final = True
             elif not final:  # keep back a tail that may still grow into a stop string
-                hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+                hold = max(self._state)
         end = len(self.text) - hold
         out = self.text[self.sent:end]
         self.sent = max(self.sent, end)
         return out
+
+
+def _kmp_failure(s: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 # ByteLevel BPE maps bytes to printable characters (GPT-2's table); invert it to get a token's raw bytes.
