@@ -201,10 +201,12 @@ class RoutedExperts(nn.Module):
         return w13.t(), w2.t()
 
 
-def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, cfg: ModelConfig,
+                   n_devices: int | None = None) -> dict[str, torch.Tensor]:
     """The paper's three auxiliary losses. scores [B, T, E] float32, topk_idx [B, T, K]. Returns weighted losses.
 
-    Devices are the expert groups (n_group); with one group the device and communication losses are zero.
+    Devices are the expert groups (n_group), or the n_devices given (expert parallel: its ranks, each holding
+    E / n_devices consecutive experts); with one device the device and communication losses are zero.
     """
     B, T, E = scores.shape
     K = topk_idx.shape[-1]
@@ -217,12 +219,12 @@ def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, cfg: ModelConfi
     expert_seq = (counts_seq * (E / (K * T)) * scores.mean(1)).sum(1).mean()
     out = {"expert": cfg.aux_loss_alpha * (expert_seq if cfg.seq_aux else expert_batch),
            "expert_batch": cfg.aux_loss_alpha * expert_batch, "expert_seq": cfg.aux_loss_alpha * expert_seq}
-    D = cfg.n_expert_groups
+    D = n_devices or cfg.n_expert_groups
     if D > 1:
         P_dev = P.view(D, -1).sum(1)
         f_dev = f.view(D, -1).mean(1)
         # M: devices a token may reach (the device limit), so a uniform spread gives f'' = 1
-        M = cfg.topk_group if cfg.topk_method == "group_limited_greedy" else min(K, D)
+        M = min(cfg.topk_group, D) if cfg.topk_method == "group_limited_greedy" else min(K, D)
         sent = one_hot.view(N, D, E // D).amax(-1)  # [N, D]: token sent to device d
         f_comm = sent.sum(0) * (D / (M * N))
         out["device"] = cfg.device_loss_alpha * (f_dev * P_dev).sum()
@@ -322,15 +324,18 @@ class MoE(nn.Module):
         scores, topk_idx, topk_w = self.gate(xf)  # route
         keep = None
         if self.training:
-            self.aux = balance_losses(scores.view(B, T, -1), topk_idx.view(B, T, -1), self.cfg)
+            # a dispatcher may bring its own devices and dropping (expert parallel: its ranks, at their capacity)
+            self.aux = balance_losses(scores.view(B, T, -1), topk_idx.view(B, T, -1), self.cfg,
+                                      getattr(self.dispatcher, "n_devices", None))
             if self.cfg.token_drop:
-                keep = device_token_drop(scores.gather(1, topk_idx), topk_idx, B, self.cfg, drop_exempt)
+                drop = getattr(self.dispatcher, "token_drop", device_token_drop)
+                keep = drop(scores.gather(1, topk_idx), topk_idx, B, self.cfg, drop_exempt)
         if xf.shape[0] == 1 and self._single_token_path(xf):
             y = self.experts.forward_token(xf, topk_idx[0], topk_w[0]).view(B, T, H)
             self.load = None
         else:
             rows, counts, row_w, state = self.dispatcher.dispatch(xf, topk_idx, topk_w, self.n_experts, keep)
-            self.load = counts.detach()
+            self.load = getattr(self.dispatcher, "routed_load", counts).detach()  # [E] this rank's tokens
             y = self.dispatcher.combine(self.experts(rows, counts, row_w), state).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1,0 +1,292 @@
+"""Expert parallelism applied from outside the model: routed experts split over the ranks of an EP process group.
+
+    torchrun --nproc-per-node 2 -m dsv2.cli pretrain --ep 2 ...          # experts split in two, no data parallel
+    torchrun --nproc-per-node 4 -m dsv2.cli pretrain --ep 2 --fsdp ...   # mesh (dp 2, ep 2); FSDP2 over the rest
+
+    ep = apply_expert_parallel(model, group)    # in place: each rank keeps experts [r*E/D, (r+1)*E/D)
+    logits = model(ids)                         # every rank of the group runs the forward (collectives inside)
+
+The MoE's seam (model/moe.py) routes, then calls `dispatcher.dispatch` -> experts -> `dispatcher.combine`.
+`EPDispatcher` sends each token-expert pair's hidden state with one `all_to_all_single` (variable split sizes) to
+the rank holding the expert, runs the local experts there, and sends the outputs back with a second one; both are
+differentiable (the backward of an all-to-all is the all-to-all with the split sizes swapped).
+
+Device-limited routing: the devices are the EP ranks, and the gate's groups map onto them (n_group a multiple of
+the EP size, each rank holding whole groups), so group-limited routing (topk_group groups per token) sends every
+token to at most M = topk_group devices. The device- and communication-level balance losses use the EP ranks as
+the devices (what is sent: a token goes to device d iff one of its experts lives there), and token dropping runs
+at each rank's capacity: every sender ships the affinities of its pairs to their device (a small all-to-all), the
+device keeps the ceil(capacity_factor * pairs in the group / D) best (pairs of exempt sequences always), and tells
+the senders which survived, so dropped pairs are never sent at all.
+
+Gradients: a rank's non-expert gradients come from its own tokens (averaged over all ranks, as data parallel); an
+expert's gradient collects every EP-group rank's tokens, so it is summed over the data-parallel replicas of that
+shard and divided by the world size (`sync_grads`). `clip_grad_norm` counts every expert shard once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsv2.config import ModelConfig
+from dsv2.model.moe import RoutedExperts
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable split sizes; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows x[in_splits[j] block] go to rank j; returns the rows received, grouped by source rank (autograd)."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def _exchange(t: torch.Tensor, group) -> torch.Tensor:
+    """all_to_all_single of equal blocks (no autograd): block j of t goes to rank j."""
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t.contiguous(), group=group)
+    return out
+
+
+def device_limit(cfg: ModelConfig, n_devices: int) -> int:
+    """M: the most devices one token's experts can be spread over (the communication loss's normaliser)."""
+    if cfg.topk_method == "group_limited_greedy":
+        return min(cfg.topk_group, n_devices)
+    return min(cfg.num_experts_per_tok, n_devices)
+
+
+class EPDispatcher:
+    """The MoE seam over an EP group of D ranks; rank r holds experts [r*L, (r+1)*L), L = n_experts / D.
+
+    dispatch returns this rank's received rows grouped by its local experts (counts [L]); combine returns every
+    token's gate-weighted sum. `n_devices`, `token_drop` and `routed_load` are the MoE's optional dispatcher
+    hooks: the devices of the balance losses, device-level dropping (collective), and this rank's tokens per
+    expert [E] (the run's expert-load statistics).
+    """
+
+    def __init__(self, group, n_experts: int):
+        self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.n_devices = self.size
+        self.per_rank = n_experts // self.size
+        self.routed_load: torch.Tensor | None = None
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, n_experts: int,
+                 keep: torch.Tensor | None = None):
+        """x [N, H], topk_idx/topk_w [N, K], keep [N, K] -> (rows [R, H] for the local experts, grouped by
+        expert, counts [L], None (the gate weights are applied in combine), state)."""
+        K, D, L = topk_idx.shape[1], self.size, self.per_rank
+        flat_e = topk_idx.flatten()
+        if keep is not None:
+            flat_e = torch.where(keep.flatten(), flat_e, n_experts)  # dropped -> past the last expert, never sent
+        counts = torch.bincount(flat_e, minlength=n_experts + 1)[:n_experts]  # [E] pairs sent to each expert
+        order = torch.argsort(flat_e, stable=True)[: int(counts.sum())]  # pairs by expert, so by destination
+        token = order // K
+        recv = _exchange(counts.view(D, L), self.group)  # [D source ranks, L local experts]
+        send_splits, recv_splits = counts.view(D, L).sum(1).tolist(), recv.sum(1).tolist()
+        rows = all_to_all(x.index_select(0, token), recv_splits, send_splits, self.group)  # by source, then expert
+        expert_of_row = torch.arange(L, device=x.device).repeat(D).repeat_interleave(recv.flatten())
+        by_expert = torch.argsort(expert_of_row, stable=True)  # [R]: source-major -> expert-major
+        self.routed_load = counts
+        state = (token, topk_w.flatten()[order], by_expert, send_splits, recv_splits, x.shape)
+        return rows.index_select(0, by_expert), recv.sum(0), None, state
+
+    def combine(self, out: torch.Tensor, state) -> torch.Tensor:
+        """Local experts' outputs [R, H] -> y [N, H]: back to the senders, gate-weighted, each token's summed."""
+        token, weight, by_expert, send_splits, recv_splits, shape = state
+        inverse = torch.empty_like(by_expert)
+        inverse[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
+        y = all_to_all(out.index_select(0, inverse), send_splits, recv_splits, self.group)  # [M, H] in sent order
+        y = y * weight[:, None].to(y.dtype)
+        return y.new_zeros(shape).index_add_(0, token, y)
+
+    def token_drop(self, affinity: torch.Tensor, topk_idx: torch.Tensor, batch_size: int, cfg: ModelConfig,
+                   exempt_seq: torch.Tensor | None = None) -> torch.Tensor:
+        """Device-level dropping at each EP rank's capacity. affinity/topk_idx [N, K] -> keep [N, K] bool.
+
+        Device d takes at most ceil(capacity_factor * (pairs of the whole EP group) / D) pairs, its best by
+        affinity (ties: source rank, then pair order, as the single-process drop over the ranks' tokens in rank
+        order); pairs of exempt sequences are always kept. Collective over the EP group."""
+        N, K = topk_idx.shape
+        D = self.size
+        dev = (topk_idx // self.per_rank).flatten()  # [N*K] destination rank of each pair
+        if exempt_seq is None:
+            exempt_seq = torch.rand(batch_size, device=affinity.device) < cfg.drop_exempt_fraction
+        exempt = exempt_seq.repeat_interleave(N // batch_size)[:, None].expand(N, K).flatten()
+        priority = affinity.detach().flatten().float() + 2.0 * exempt  # exempt pairs rank first (affinity <= 1)
+        order = torch.argsort(dev, stable=True)
+        send = torch.bincount(dev, minlength=D)
+        meta = _exchange(torch.stack([send, send.new_full((D,), N * K)], 1), self.group)  # [D, 2]: to me, total
+        send_splits, recv_splits = send.tolist(), meta[:, 0].tolist()
+        incoming = torch.empty(sum(recv_splits), device=priority.device)
+        dist.all_to_all_single(incoming, priority[order].contiguous(), recv_splits, send_splits, group=self.group)
+        capacity = math.ceil(cfg.capacity_factor * int(meta[:, 1].sum()) / D)
+        best = torch.argsort(-incoming, stable=True)[:capacity]
+        kept_here = (incoming >= 2.0).float().index_fill_(0, best, 1.0)
+        kept = torch.empty(N * K, device=priority.device)
+        dist.all_to_all_single(kept, kept_here, send_splits, recv_splits, group=self.group)
+        keep = torch.empty(N * K, dtype=torch.bool, device=priority.device)
+        keep[order] = kept > 0.5
+        return keep.view(N, K)
+
+
+@dataclass
+class ExpertParallel:
+    """What apply_expert_parallel did to a model (kept as `model.expert_parallel`)."""
+    group: object  # the EP process group
+    rank: int  # this process's index in it
+    size: int  # D, the number of EP ranks (devices)
+    per_rank: int  # routed experts per rank
+    dp_group: object = None  # the ranks holding the same expert shard (data parallel over them), None: just one
+
+    def local_experts(self) -> range:
+        return range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+
+
+def check_config(cfg: ModelConfig, ep: int) -> None:
+    """Raise ValueError unless the model's experts (and groups) split evenly over ep ranks."""
+    if cfg.n_routed_experts == 0 or cfg.n_routed_experts % ep:
+        raise ValueError(f"--ep {ep}: the model's {cfg.n_routed_experts} routed experts do not split evenly over "
+                         f"{ep} ranks")
+    if cfg.topk_method == "group_limited_greedy" and cfg.n_expert_groups % ep:
+        raise ValueError(f"--ep {ep}: group-limited routing over {cfg.n_expert_groups} expert groups needs n_group "
+                         f"to be a multiple of the EP size (each rank holds whole groups); set [model] n_group")
+
+
+def expert_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The routed experts' stacks by name (sharded under expert parallel)."""
+    return {n: p for n, p in model.named_parameters() if ".mlp.experts." in n}
+
+
+def apply_expert_parallel(model: nn.Module, group, dp_group=None) -> ExpertParallel:
+    """Split `model`'s routed experts over the ranks of `group` and install EPDispatcher in every MoE layer.
+
+    In place; a model on the meta device stays there (each rank then materialises only its shard: `materialize`
+    or checkpoint.load_checkpoint(prepare=...)). A full model is sliced (each rank keeps its experts)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_config(model.config, size)
+    per_rank = model.config.n_routed_experts // size
+    lo = rank * per_rank
+    for moe in model.moe_layers():
+        experts = moe.experts
+        if not isinstance(experts.w13, nn.Parameter):
+            raise ValueError("expert parallel needs full-precision experts (FP8 stacks are not split)")
+        for name in ("w13", "w2"):
+            p = getattr(experts, name)
+            shard = (torch.empty((per_rank, *p.shape[1:]), dtype=p.dtype, device=p.device) if p.is_meta
+                     else p.detach()[lo:lo + per_rank].clone())
+            setattr(experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
+        experts.first_expert = lo  # the checkpoint table's offset (dsv2.checkpoint.hf_tensors / load_checkpoint)
+        experts._views = None
+        moe.dispatcher = EPDispatcher(group, model.config.n_routed_experts)
+    model.expert_parallel = ExpertParallel(group, rank, size, per_rank, dp_group)
+    return model.expert_parallel
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, std: float | None = None) -> None:
+    """A meta-device model (experts split) onto `device`, initialised exactly as the single-process model built
+    after the same torch.manual_seed: init_weights runs over the same modules in the same order, each routed
+    expert stack drawn whole (one layer's stack at a time, for the random stream) and sliced to this shard."""
+    model.to_empty(device=device)
+    ep: ExpertParallel = model.expert_parallel
+    local = ep.local_experts()
+
+    def modules():
+        for m in model.modules():
+            if not isinstance(m, RoutedExperts):
+                yield m
+                continue
+            full = RoutedExperts(ep.size * ep.per_rank, m.w13.shape[2], m.inter).to(device)
+            yield full
+            m.w13.copy_(full.w13[local.start:local.stop])
+            m.w2.copy_(full.w2[local.start:local.stop])
+            del full
+
+    class _Walk:  # init_weights' view of the model: the same modules, full-size expert stacks
+        config = model.config
+
+    walk = _Walk()
+    walk.modules = modules
+    type(model).init_weights(walk, std)
+
+
+def sync_grads(model: nn.Module, world_group=None, average_rest: bool = True) -> None:
+    """After the step's backward: non-expert gradients averaged over all ranks (unless FSDP did it:
+    average_rest False), expert gradients summed over their data-parallel replicas and divided by the world size
+    (each already holds every EP-group rank's tokens). One all-reduce per group, flattened."""
+    ep: ExpertParallel = model.expert_parallel
+    world = dist.get_world_size(world_group)
+    experts = expert_params(model)
+    rest = [p.grad for n, p in model.named_parameters() if n not in experts and p.grad is not None]
+    mine = [p.grad for p in experts.values() if p.grad is not None]
+    if average_rest:
+        _all_reduce_flat(rest, world_group, 1.0 / world)
+    _all_reduce_flat(mine, ep.dp_group, 1.0 / world, reduce=ep.dp_group is not None)
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group, scale: float, reduce: bool = True) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if reduce:
+        dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, world_group=None) -> torch.Tensor:
+    """The global gradient norm (expert shards counted once each, FSDP shards summed) and clipping to max_norm;
+    the same value on every rank. Returns the norm before clipping (float32)."""
+    ep: ExpertParallel = model.expert_parallel
+    experts = expert_params(model)
+    sq_rest, sq_exp = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    sharded = False
+    grads = []
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad
+        if hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard of it
+            g, sharded = g.to_local(), True
+        s = g.detach().double().pow(2).sum().cpu()
+        if n in experts:
+            sq_exp += s
+        else:
+            sq_rest += s
+        grads.append(g)
+    dev = grads[0].device if grads else torch.device("cpu")
+    sq_exp = sq_exp.to(dev)
+    dist.all_reduce(sq_exp, group=ep.group)  # every expert shard once (the dp replicas hold the same)
+    if sharded:
+        sq_rest = sq_rest.to(dev)
+        dist.all_reduce(sq_rest, group=world_group)
+    total = (sq_rest.to(dev) + sq_exp).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total.float()
+
+
+__all__ = ["EPDispatcher", "ExpertParallel", "all_to_all", "apply_expert_parallel", "check_config", "clip_grad_norm",
+           "device_limit", "expert_params", "materialize", "sync_grads"]
