@@ -12,12 +12,15 @@ The model directory is a checkpoint with tokenizer.json + tokenizer_config.json 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from dsv2.utils import parse_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -40,8 +43,14 @@ def add_commands(subparsers) -> None:
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model id(s) the API accepts; the first is the one responses carry (default: the "
+                            "checkpoint's _name_or_path in config.json, else 'dsv2')")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
+    serve.add_argument("--max-body-size", default="4MB", help="larger request bodies get 413 (e.g. 4MB, 100KB)")
+    serve.add_argument("--max-stop-chars", type=int, default=1024, help="longest stop string accepted")
+    serve.add_argument("--grace-period", type=float, default=30.0,
+                       help="seconds SIGTERM lets in-flight requests finish before ending them with an error")
     serve.set_defaults(func=_serve)
 
     quant = subparsers.add_parser("quantize", help="write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint")
@@ -109,14 +118,34 @@ def load_engine(args, max_waiting: int = 256):
     return engine, tokenizer, ChatTemplate.from_dir(tok_dir, tokenizer)
 
 
-def _params(args, prompt_len: int, engine):
-    from dsv2.infer.engine import SamplingParams
+def _sampling_fields(args):
+    """The sampling flags checked by the server's own validation (dsv2.infer.api): ValueError naming the flag."""
+    from dsv2.infer.api import sampling_fields
 
-    max_tokens = min(args.max_tokens, engine.max_model_len - prompt_len)
-    if max_tokens < 1:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    try:
+        return sampling_fields(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               stop=args.stop, max_tokens=args.max_tokens)
+    except ValueError as e:  # "invalid top_p: ..." -> "invalid --top-p: ..."
+        msg = str(e)
+        for name in ("temperature", "top_p", "top_k", "seed", "stop", "max_tokens"):
+            msg = msg.replace(f"invalid {name}", "invalid --" + name.replace("_", "-"))
+        raise ValueError(msg) from None
+
+
+def _params(args, prompt_len: int, engine, tokenizer):
+    from dsv2.infer.api import APIError, Limits, to_sampling_params
+
+    limits = Limits(("cli",), engine.max_model_len, engine.model.config.vocab_size, eos_id=tokenizer.eos_id)
+    room = engine.max_model_len - prompt_len
+    if room < 1:
         raise ValueError(f"the prompt ({prompt_len} tokens) fills the context of {engine.max_model_len} tokens")
-    return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          seed=args.seed)
+    try:  # --max-tokens beyond the context is cut to what is left (the CLI keeps going; the API refuses)
+        return to_sampling_params(_sampling_fields(args), limits, prompt_len, max_tokens=min(args.max_tokens, room),
+                                  default_max_tokens=None)
+    except APIError as e:
+        raise ValueError(e.message) from None
 
 
 def stream_completion(engine, tokenizer, prompt: list[int], params, stop: list[str], out=None) -> dict:
@@ -148,10 +177,11 @@ def stream_completion(engine, tokenizer, prompt: list[int], params, stop: list[s
 
 
 def _generate(args) -> int:
+    _sampling_fields(args)  # a bad flag fails before the model loads
     engine, tokenizer, template = load_engine(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     prompt = template.encode([{"role": "user", "content": text}]) if args.chat else tokenizer.encode(text, add_bos=True)
-    stats = stream_completion(engine, tokenizer, prompt, _params(args, len(prompt), engine), args.stop)
+    stats = stream_completion(engine, tokenizer, prompt, _params(args, len(prompt), engine, tokenizer), args.stop)
     print()
     rate = stats["tokens"] / max(stats["seconds"], 1e-9)
     print(f"[{stats['tokens']} tokens, {rate:.1f} tok/s, first token {stats['first_token_s'] * 1000:.0f} ms, "
@@ -160,6 +190,7 @@ def _generate(args) -> int:
 
 
 def _chat(args) -> int:
+    _sampling_fields(args)  # a bad flag fails before the model loads
     engine, tokenizer, template = load_engine(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("dsv2 chat: /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -183,7 +214,8 @@ def _chat(args) -> int:
                   file=sys.stderr)
             history.pop()
             continue
-        stats = stream_completion(engine, tokenizer, prompt, _params(args, len(prompt), engine), args.stop)
+        stats = stream_completion(engine, tokenizer, prompt, _params(args, len(prompt), engine, tokenizer),
+                                  args.stop)
         print()
         history.append({"role": "assistant", "content": stats["text"]})
 
@@ -192,18 +224,32 @@ def _serve(args) -> int:
     from dsv2.infer.engine import EngineLoop
     from dsv2.infer.server import create_app, serve
 
+    max_body = parse_size(args.max_body_size)
+    if max_body < 1 or args.max_stop_chars < 1 or args.grace_period < 0 or args.max_queue < 1:
+        raise ValueError("--max-body-size, --max-stop-chars and --max-queue must be positive, --grace-period >= 0")
     engine, tokenizer, template = load_engine(args, max_waiting=args.max_queue)
-    name = args.served_model_name or Path(args.model).resolve().name
+    names = args.served_model_name or [_default_model_name(Path(args.model))]
     loop = EngineLoop(engine).start()
     stats = engine.stats()
-    print(f"dsv2 serve: model {name!r}, KV cache {stats['total_blocks']} blocks x {stats['block_size']} tokens "
+    print(f"dsv2 serve: model {', '.join(map(repr, names))}, KV cache {stats['total_blocks']} blocks x {stats['block_size']} tokens "
           f"({stats['kv_cache_bytes'] / 2**20:.0f} MiB, {stats['kv_cache_dtype']}), context {engine.max_model_len}",
           file=sys.stderr)
+    app = create_app(loop, tokenizer, template, names, engine.max_model_len, max_body_bytes=max_body,
+                     max_stop_chars=args.max_stop_chars)
     try:
-        serve(create_app(loop, tokenizer, template, name, engine.max_model_len), args.host, args.port)
+        code = serve(app, args.host, args.port, grace_s=args.grace_period)
     finally:
         loop.stop()
-    return 0
+    return code
+
+
+def _default_model_name(model_dir: Path) -> str:
+    """What a user would type: the checkpoint's `_name_or_path` (config.json, as transformers writes it), else dsv2."""
+    try:
+        name = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError):
+        name = None
+    return name if isinstance(name, str) and name.strip() else "dsv2"
 
 
 def _quantize(args) -> int:

@@ -511,6 +511,11 @@ class EngineLoop:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has stopped (stop(), or an error that killed it)."""
+        return self._thread.is_alive() and not self._stop
+
     def stop(self) -> None:
         self._stop = True
         self._wake.set()

@@ -1,377 +1,263 @@
-"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
+"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn): thin routes over api.py and bridge.py.
 
     dsv2 serve --model runs/chat --port 8000 --kv-cache-memory 1GB
     curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events and
-`stream_options.include_usage`), GET /v1/models, GET /health. Beyond OpenAI's fields: top_k, stop_token_ids,
-ignore_eos (as vLLM). Errors are OpenAI-style JSON ({"error": {"message", "type", "param", "code"}}) with 400 for
-bad input, 404 for an unknown model, 503 when the waiting queue is full. A client that disconnects (streaming or
-not) has its requests cancelled and their cache blocks freed. The engine runs in its own thread (EngineLoop);
-the event loop only parses, detokenizes and writes.
+Endpoints: POST /v1/completions (echo and prompt log-probs, max_tokens 0 with echo, as lm-evaluation-harness's
+local-completions uses them), POST /v1/chat/completions (both with `stream: true` as server-sent events and
+`stream_options.include_usage`), GET /v1/models, GET /health (200 ok; 503 draining or engine dead; queue depth
+and free cache blocks), GET /metrics (Prometheus). Every error is OpenAI-shaped ({"error": {"message", "type",
+"param", "code"}}): 400 bad input (naming the field or the limit), 404 unknown model or route, 405 wrong method,
+413 body over --max-body-size (refused from its Content-Length, or as soon as the bytes read pass the limit),
+503 with Retry-After when the queue is full or the server is draining. A client that disconnects has its
+requests cancelled and their cache blocks freed. Parsing, tokenization and detokenization run off the event loop
+(worker threads, the engine thread), so /health answers while the server is busy. SIGTERM drains (see `serve`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
+import logging
+import signal
 import time
 import uuid
-from typing import Annotated, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv2.infer.engine import MAX_LOGPROBS, EngineLoop, QueueFull, RequestOutput, SamplingParams
-from dsv2.infer.text import ChatTemplate, TextStream, token_bytes
+from dsv2.infer.api import (APIError, ChatRequest, CompletionRequest, Limits, parse, prepare_chat,
+                            prepare_completion)
+from dsv2.infer.bridge import Bridge, Choice
+from dsv2.infer.engine import EngineLoop
+from dsv2.infer.text import ChatTemplate, token_bytes
 from dsv2.tokenizer import Tokenizer
 
-
-# ---- request bodies ------------------------------------------------------------------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # "5" is not a number; unknown fields are ignored
-
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None  # null means the default, as in OpenAI's API
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: dict | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool | None = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-
-    def model_post_init(self, _context) -> None:
-        defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "n": 1, "stream": False, "ignore_eos": False,
-                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 4 * 2**20
 
 
-class CompletionBody(_Body):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
+# ---- what the responses look like (for /openapi.json; the routes build plain dicts) ---------------------------
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: Literal["text"]
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
     text: str
+    logprobs: dict | None
+    finish_reason: str | None
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+class CompletionResponse(BaseModel):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
 
 
-class ChatBody(_Body):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
+class ChatMessageOut(BaseModel):
+    role: str
+    content: str
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict | None
+    finish_reason: str | None
 
 
-def _error(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+class ChatResponse(BaseModel):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+def _errors(*codes: int) -> dict:
+    what = {400: "invalid request (the field or limit is named)", 404: "unknown model", 413: "body too large",
+            503: "queue full or server draining (Retry-After)"}
+    return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
+
+
+def _post_doc(body: type[BaseModel], response: type[BaseModel]) -> dict:
+    return dict(
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}},
+        responses={200: {"model": response, "description": "the response; with stream: true, server-sent events",
+                         "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                   **_errors(400, 404, 413, 503)})
 
 
 # ---- the app -------------------------------------------------------------------------------------------------
-class _Choice:
-    """One engine request behind one choice: its output queue (fed from the engine thread) and its text."""
-
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, stop: list[str], tokenizer: Tokenizer):
-        self.index, self.prompt, self.params = index, prompt, params
-        self.text = TextStream(lambda ids: tokenizer.decode(ids), stop)
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.rid: str | None = None
-        self.finished = False
-        self.finish_reason: str | None = None
-        self.n_tokens = 0
-
-    async def events(self, engine: EngineLoop):
-        """Yield (text delta, [(token, logprob, top)]) per engine step until the request ends."""
-        while not self.finished:
-            out = await self.queue.get()
-            if out.finish_reason == "error":
-                raise APIError(500, "the request failed in the engine (see the server log)", kind="server_error")
-            self.n_tokens += len(out.token_ids)
-            delta = self.text.push(out.token_ids)
-            lps = []
-            if out.logprobs is not None:
-                tops = out.top_logprobs or [[] for _ in out.token_ids]
-                lps = list(zip(out.token_ids, out.logprobs, tops))
-            if out.finished or self.text.stopped:
-                self.finished = True
-                self.finish_reason = "stop" if self.text.stopped else out.finish_reason
-                if self.text.stopped and not out.finished:
-                    engine.abort(self.rid)  # a stop string ended it: free its blocks now
-                delta += self.text.finish()
-            yield delta, lps
-
-
-def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate, model_name: str,
-               max_model_len: int) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`. The caller starts and stops the EngineLoop."""
-    app = FastAPI(title="dsv2", version="0.1.0")
+def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate, model_name: str | list[str],
+               max_model_len: int, *, max_body_bytes: int = MAX_BODY_BYTES, max_stop_chars: int = 1024) -> FastAPI:
+    """The FastAPI app serving `engine`. model_name: the served id, or a list (the first is the id responses carry;
+    all are accepted and listed by /v1/models). The caller starts and stops the EngineLoop; app.state.bridge is
+    the Bridge (drain, metrics)."""
+    names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
+    app = FastAPI(title="dsv2", version="0.1.0", description=__doc__)
+    bridge = Bridge(engine, tokenizer)
+    app.state.bridge = bridge
+    eng = engine.engine
+    limits = Limits(names, max_model_len, eng.model.config.vocab_size, max_choices=max(eng.max_waiting, 1),
+                    eos_id=tokenizer.eos_id, max_stop_chars=max_stop_chars)
     created = int(time.time())
+    app.add_middleware(_CountRequests, metrics=bridge.metrics)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return _error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
-        # the field path, without pydantic's union-member labels ("str", "list[int]", "TextPart")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or (
-            re.fullmatch(r"[a-z_][a-z0-9_]*", p) and p not in ("str", "int", "float", "bool", "list", "dict")))]
-        param = ".".join(loc) or None
-        return _error(400, f"invalid value for '{param}': {first.get('msg', 'invalid request')}" if param
-                      else first.get("msg", "invalid request"), param)
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _error(exc.status, exc.message, exc.param, exc.code, exc.kind)
+        return error(exc)
 
-    @app.get("/health")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        msg = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on "
+                                                         f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error(APIError(exc.status_code, msg, code={404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code), headers=dict(exc.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error(APIError(400, str(exc.errors()[:1])))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error(APIError(500, "internal server error (see the server log)", kind="server_error"))
+
+    @app.get("/health", responses={503: {"description": "draining, or the engine has died"}})
     async def health():
-        return {"status": "ok", "model": model_name, **engine.stats()}
+        status = bridge.status()
+        return JSONResponse({"status": status, "model": names[0], **engine.stats()}, 200 if status == "ok" else 503,
+                            headers={} if status == "ok" else {"Retry-After": "1"})
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics():
+        return Response(generate_latest(bridge.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "dsv2", "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "dsv2",
+                                            "root": names[0], "max_model_len": max_model_len} for n in names]}
 
-    def check(body: _Body, max_tokens: int | None, prompts: list[list[int]], prompt_param: str) -> SamplingParams:
-        if body.model != model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                           "model", "model_not_found")
-        if not 0.0 <= body.temperature <= 2.0:
-            raise APIError(400, f"temperature must be in [0, 2], got {body.temperature}", "temperature")
-        if not 0.0 < body.top_p <= 1.0:
-            raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", "top_p")
-        if body.top_k < 0:
-            raise APIError(400, f"top_k must be >= 0, got {body.top_k}", "top_k")
-        if not 1 <= body.n <= 16:
-            raise APIError(400, f"n must be in [1, 16], got {body.n}", "n")
-        if body.presence_penalty or body.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported", "presence_penalty")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4:
-            raise APIError(400, "at most 4 stop sequences", "stop")
-        longest = max(len(p) for p in prompts)
-        if longest >= max_model_len:
-            raise APIError(400, f"the prompt has {longest} tokens; this model's context is {max_model_len} tokens",
-                           prompt_param, "context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = max_model_len - longest
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-        if longest + max_tokens > max_model_len:
-            raise APIError(400, f"max_tokens ({max_tokens}) + prompt ({longest} tokens) exceeds the context of "
-                                f"{max_model_len} tokens", "max_tokens", "context_length_exceeded")
-        stop_ids = tuple(body.stop_token_ids or ()) + ((tokenizer.eos_id,) if not body.ignore_eos else ())
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, seed=body.seed, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos)
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) from its Content-Length or as soon as more than max_body_bytes arrived."""
+        too_big = APIError(413, f"the request body is larger than the server's limit of {max_body_bytes} bytes",
+                           code="request_too_large", headers={"Connection": "close"})
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-    async def start(prompts: list[list[int]], params: SamplingParams, n: int, stops: list[str]) -> list[_Choice]:
-        aloop = asyncio.get_running_loop()
-        choices = []
-        try:
-            for i, prompt in enumerate(p for p in prompts for _ in range(n)):
-                sp = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-                c = _Choice(i, prompt, sp, stops, tokenizer)
-                c.rid = engine.submit(prompt, sp, lambda out, q=c.queue: aloop.call_soon_threadsafe(q.put_nowait, out))
-                choices.append(c)
-        except QueueFull as e:
-            for c in choices:
-                engine.abort(c.rid)
-            raise APIError(503, f"server overloaded: {e}; retry later", kind="server_error",
-                           code="overloaded") from None
-        except ValueError as e:
-            for c in choices:
-                engine.abort(c.rid)
-            raise APIError(400, str(e)) from None
-        return choices
+    def prep_completion(raw: bytes):
+        body = parse(raw, CompletionRequest)
+        return body, prepare_completion(body, tokenizer, limits)
 
-    async def collect(request: Request, choices: list[_Choice]) -> tuple[dict[int, str], dict[int, list]]:
-        """Drain every choice (non-streaming) into (text, logprobs) per choice index; if the client goes away,
-        stop and abort them all."""
-        texts: dict[int, list[str]] = {c.index: [] for c in choices}
-        all_lps: dict[int, list] = {c.index: [] for c in choices}
-
-        async def drain(c):
-            async for delta, lps in c.events(engine):
-                texts[c.index].append(delta)
-                all_lps[c.index] += lps
-
-        main = asyncio.ensure_future(asyncio.gather(*(drain(c) for c in choices)))
-
-        async def watch():
-            while not main.done():
-                if await request.is_disconnected():
-                    main.cancel()
-                    return
-                await asyncio.sleep(0.05)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            await main
-        finally:
-            watcher.cancel()
-            for c in choices:
-                if not c.finished:
-                    engine.abort(c.rid)
-        return {i: "".join(t) for i, t in texts.items()}, all_lps
-
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    def stream(choices: list[_Choice], chunk, usage_chunk):
-        """Server-sent events from all choices as their tokens arrive; cancelled (and aborted) on disconnect."""
-        async def gen():
-            merged: asyncio.Queue = asyncio.Queue()
-
-            async def pump(c):
-                try:
-                    async for delta, lps in c.events(engine):
-                        await merged.put((c, delta, lps))
-                except APIError as e:
-                    await merged.put((c, e, None))
-                await merged.put((c, None, None))
-
-            tasks = [asyncio.create_task(pump(c)) for c in choices]
-            try:
-                for c in choices:
-                    first = chunk(c, None, None, first=True)
-                    if first is not None:
-                        yield sse(first)
-                open_ = len(choices)
-                while open_:
-                    c, delta, lps = await merged.get()
-                    if isinstance(delta, APIError):
-                        yield sse({"error": {"message": delta.message, "type": delta.kind}})
-                        continue
-                    if delta is None:
-                        open_ -= 1
-                        continue
-                    if delta or lps or c.finished:
-                        yield sse(chunk(c, delta, lps))
-                if usage_chunk is not None:
-                    yield sse(usage_chunk())
-                yield "data: [DONE]\n\n"
-            finally:  # normal end, or the client went away (Starlette cancels this generator)
-                for t in tasks:
-                    t.cancel()
-                for c in choices:
-                    if not c.finished:
-                        engine.abort(c.rid)
-
-        return StreamingResponse(gen(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def usage(choices: list[_Choice], n: int) -> dict:
-        prompt = sum(len(c.prompt) for c in choices[::n])  # choices run prompt-major, n per prompt
-        completion = sum(c.n_tokens for c in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def include_usage(body: _Body) -> bool:
-        return bool(body.stream_options and body.stream_options.get("include_usage"))
+    def prep_chat(raw: bytes):
+        body = parse(raw, ChatRequest)
+        return body, prepare_chat(body, template, limits)
 
     # ---- /v1/completions ---------------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request):
-        p = body.prompt
-        if isinstance(p, str):
-            prompts = [tokenizer.encode(p)]
-        elif p and all(isinstance(x, str) for x in p):
-            prompts = [tokenizer.encode(x) for x in p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        else:
-            prompts = [list(x) for x in p]
-        if not prompts or any(len(x) == 0 for x in prompts):
-            raise APIError(400, "the prompt is empty", "prompt")
-        if body.echo:
-            raise APIError(400, "echo is not supported", "echo")
-        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
-            raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        params = check(body, max_tokens, prompts, "prompt")
-        params.logprobs = body.logprobs
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        choices = await start(prompts, params, body.n, stops)
+    @app.post("/v1/completions", **_post_doc(CompletionRequest, CompletionResponse))
+    async def completions(request: Request):
+        body, prepared = await bridge.run(prep_completion, await read_body(request))
+        choices = bridge.open(prepared)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        k = body.logprobs
 
-        def logprobs_obj(lps, offset: int):
-            if body.logprobs is None:
+        def token_str(t: int) -> str:
+            return tokenizer.decode([t], skip_special_tokens=False)
+
+        def logprobs_obj(c: Choice, lps, prompt_lps, offset: int) -> dict | None:
+            """OpenAI's legacy shape; with echo, the prompt's tokens first (the first with a null log-prob)."""
+            if k is None:
                 return None
-            toks = [tokenizer.decode([t], skip_special_tokens=False) for t, _, _ in lps]
+            toks, token_lps, tops = [], [], []
+            if prompt_lps is not None:
+                toks = [token_str(t) for t in c.prompt]
+                token_lps = [None] + [lp for lp, _ in prompt_lps]
+                tops = [None] + [{token_str(i): v for i, v in top} for _, top in prompt_lps]
+            toks += [token_str(t) for t, _, _ in lps]
+            token_lps += [lp for _, lp, _ in lps]
+            tops += [{token_str(i): v for i, v in top} for _, _, top in lps]
             offsets, o = [], offset
             for s in toks:
                 offsets.append(o)
                 o += len(s)
-            return {"tokens": toks, "token_logprobs": [lp for _, lp, _ in lps], "text_offset": offsets,
-                    "top_logprobs": [{tokenizer.decode([i], skip_special_tokens=False): v for i, v in top}
-                                     for _, _, top in lps] if body.logprobs else None}
+            return {"tokens": toks, "token_logprobs": token_lps, "text_offset": offsets,
+                    "top_logprobs": tops if k else None}
+
+        def echo(c: Choice) -> str:
+            return prepared.echo_text[c.index // prepared.n] if prepared.echo_text else ""
 
         if body.stream:
-            def chunk(c, delta, lps, first=False):
-                if first:
+            echoed: set[int] = set()
+
+            def chunk(c, ev):
+                if ev is None:
                     return None
-                return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                        "choices": [{"index": c.index, "text": delta, "logprobs": logprobs_obj(lps, 0),
+                first = c.index not in echoed  # the echo (text and prompt log-probs) leads a choice's first chunk
+                echoed.add(c.index)
+                lp = logprobs_obj(c, ev.logprobs, ev.prompt_logprobs if first else None, 0)
+                return {"id": rid, "object": "text_completion", "created": now, "model": names[0],
+                        "choices": [{"index": c.index, "text": (echo(c) if first else "") + ev.text, "logprobs": lp,
                                      "finish_reason": c.finish_reason if c.finished else None}]}
 
-            def usage_chunk():
-                return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": [],
-                        "usage": usage(choices, body.n)}
+            return _stream(bridge, choices, chunk, lambda: {
+                "id": rid, "object": "text_completion", "created": now, "model": names[0], "choices": [],
+                "usage": _usage(choices, prepared.n)} if body.include_usage else None)
 
-            return stream(choices, chunk, usage_chunk if include_usage(body) else None)
+        events = await _collect(bridge, request, choices)
 
-        texts, all_lps = await collect(request, choices)
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": c.index, "text": texts[c.index],
-                             "logprobs": logprobs_obj(all_lps[c.index], 0), "finish_reason": c.finish_reason}
-                            for c in choices],
-                "usage": usage(choices, body.n)}
+        def result(c: Choice) -> dict:
+            evs = events[c.index]
+            lps = [x for ev in evs for x in ev.logprobs]
+            prompt_lps = next((ev.prompt_logprobs for ev in evs if ev.prompt_logprobs is not None), None)
+            return {"index": c.index, "text": echo(c) + "".join(ev.text for ev in evs),
+                    "logprobs": logprobs_obj(c, lps, prompt_lps, 0), "finish_reason": c.finish_reason}
+
+        out = await bridge.run(lambda: [result(c) for c in choices])  # formatting a long echo is not free
+        return {"id": rid, "object": "text_completion", "created": now, "model": names[0], "choices": out,
+                "usage": _usage(choices, prepared.n)}
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, request: Request):
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                    for m in body.messages]
-        try:
-            prompt = template.encode(messages, add_generation_prompt=True)
-        except Exception as e:  # a template that raises on these messages
-            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
-        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", "top_logprobs")
-        if body.top_logprobs and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = check(body, max_tokens, [prompt], "messages")
-        params.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        choices = await start([prompt], params, body.n, stops)
+    @app.post("/v1/chat/completions", **_post_doc(ChatRequest, ChatResponse))
+    async def chat_completions(request: Request):
+        body, prepared = await bridge.run(prep_chat, await read_body(request))
+        choices = bridge.open(prepared)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def entry(token_id: int, lp: float) -> dict:
@@ -384,33 +270,195 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in lps]}
 
         if body.stream:
-            def chunk(c, delta, lps, first=False):
-                if first:
+            def chunk(c, ev):
+                if ev is None:
                     d, fin, lp = {"role": "assistant", "content": ""}, None, None
                 else:
-                    d = {"content": delta} if delta else {}
+                    d = {"content": ev.text} if ev.text else {}
                     fin = c.finish_reason if c.finished else None
-                    lp = logprobs_obj(lps)
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                    lp = logprobs_obj(ev.logprobs)
+                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": names[0],
                         "choices": [{"index": c.index, "delta": d, "logprobs": lp, "finish_reason": fin}]}
 
-            def usage_chunk():
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [], "usage": usage(choices, body.n)}
+            return _stream(bridge, choices, chunk, lambda: {
+                "id": rid, "object": "chat.completion.chunk", "created": now, "model": names[0], "choices": [],
+                "usage": _usage(choices, prepared.n)} if body.include_usage else None)
 
-            return stream(choices, chunk, usage_chunk if include_usage(body) else None)
+        events = await _collect(bridge, request, choices)
+        return {"id": rid, "object": "chat.completion", "created": now, "model": names[0],
+                "choices": [{"index": c.index,
+                             "message": {"role": "assistant", "content": "".join(ev.text for ev in events[c.index])},
+                             "logprobs": logprobs_obj([x for ev in events[c.index] for x in ev.logprobs]),
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": _usage(choices, prepared.n)}
 
-        texts, all_lps = await collect(request, choices)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
-                             "logprobs": logprobs_obj(all_lps[c.index]), "finish_reason": c.finish_reason}
-                            for c in choices],
-                "usage": usage(choices, body.n)}
-
+    app.openapi_schema = None
+    _add_body_schemas(app, [CompletionRequest, ChatRequest])
     return app
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    import uvicorn
+def _add_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """The request bodies are parsed by api.parse (off the event loop), not by FastAPI: put their JSON schemas
+    into /openapi.json ourselves."""
+    base = app.openapi
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    def openapi():
+        if app.openapi_schema is None:
+            schema = base()
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for m in models:
+                s = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(s.pop("$defs", {}))
+                comps[m.__name__] = s
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _usage(choices: list[Choice], n: int) -> dict:
+    prompt = sum(len(c.prompt) for c in choices[::n])  # choices run prompt-major, n per prompt
+    completion = sum(c.n_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _collect(bridge: Bridge, request: Request, choices: list[Choice]) -> dict[int, list]:
+    """Every choice's events (non-streaming); if the client goes away, stop and abort them all. A choice that
+    fails answers 500 (503 while draining) for the whole request."""
+    events: dict[int, list] = {c.index: [] for c in choices}
+
+    async def drain(c):
+        async for ev in bridge.events(c):
+            if ev.error:
+                raise APIError(503 if bridge.draining else 500, ev.error, kind="server_error",
+                               headers={"Retry-After": "1"} if bridge.draining else None)
+            events[c.index].append(ev)
+
+    main = asyncio.ensure_future(asyncio.gather(*(drain(c) for c in choices)))
+
+    async def watch():
+        while not main.done():
+            if await request.is_disconnected():
+                main.cancel()
+                return
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await main
+    finally:
+        watcher.cancel()
+        bridge.close(choices)
+    return events
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _stream(bridge: Bridge, choices: list[Choice], chunk, usage_chunk) -> StreamingResponse:
+    """Server-sent events from all choices as their tokens arrive; an error event for a choice that fails; always
+    ends with [DONE]. Cancelled (and aborted) when the client goes away."""
+    async def gen():
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c):
+            async for ev in bridge.events(c):
+                await merged.put((c, ev))
+            await merged.put((c, None))
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            for c in choices:
+                first = chunk(c, None)
+                if first is not None:
+                    yield _sse(first)
+            open_ = len(choices)
+            while open_:
+                c, ev = await merged.get()
+                if ev is None:
+                    open_ -= 1
+                elif ev.error:
+                    yield _sse(APIError(500, ev.error, kind="server_error", code="choice_failed").body() |
+                               {"index": c.index})
+                elif ev.text or ev.logprobs or ev.prompt_logprobs is not None or c.finished:
+                    yield _sse(chunk(c, ev))
+            usage = usage_chunk()
+            if usage is not None:
+                yield _sse(usage)
+            yield "data: [DONE]\n\n"
+        finally:  # normal end, or the client went away (Starlette cancels this generator)
+            for t in tasks:
+                t.cancel()
+            bridge.close(choices)
+
+    return StreamingResponse(gen(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _CountRequests:
+    """ASGI middleware: count answered requests by route and status (for /metrics)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"]
+            known = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+            self.metrics.requests.labels(path if path in known else "other", str(status[0])).inc()
+
+
+# ---- running it ----------------------------------------------------------------------------------------------
+class Server(uvicorn.Server):
+    """uvicorn with SIGTERM draining and an exit code: SIGTERM stops admission (503 + Retry-After, /health says
+    draining), lets in-flight requests finish for `grace_s`, ends the rest with an error event and [DONE], then
+    exits (exit_code 0). If the engine thread dies, in-flight requests end with an error and exit_code is 1.
+    A second SIGTERM, or SIGINT, exits at once as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, bridge: Bridge, grace_s: float = 30.0):
+        super().__init__(config)
+        self.bridge, self.grace_s = bridge, grace_s
+        self.exit_code = 0
+        self._drain_requested = False
+        self._drain: asyncio.Task | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if sig == signal.SIGTERM and not self._drain_requested:
+            self._drain_requested = True  # picked up by on_tick (this runs inside a signal handler)
+            log.warning("SIGTERM: draining for up to %g s", self.grace_s)
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain is None:
+            self._drain = asyncio.create_task(self.bridge.drain(self.grace_s))
+        if self._drain is not None and self._drain.done():
+            return True
+        if self.bridge.status() == "dead":
+            log.error("the engine thread has died; ending the requests in flight and exiting")
+            self.bridge.fail_all("the engine has stopped")
+            await asyncio.sleep(0.5)  # let the streams write their error event
+            self.exit_code = 1
+            return True
+        return await super().on_tick(counter)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          grace_s: float = 30.0) -> int:
+    """Run the app until SIGINT/SIGTERM (drained) or the engine's death; returns the exit code."""
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5),
+                    app.state.bridge, grace_s)
+    server.run()
+    return server.exit_code
