@@ -93,8 +93,20 @@ def test_pre_tokenizer_splits_digits_and_cjk(tok):
     assert len(tok.encode("1234567")) == 7
 
 
-def test_special_token_text_becomes_its_id(tok):
-    assert tok.encode(f"hi{EOS_TOKEN}") == [*tok.encode("hi"), tok.eos_id]
+def test_special_token_text_stays_text_unless_asked(tok, saved):
+    # oracle: transformers with split_special_tokens=True (plain text) and without (special ids)
+    hf_split = transformers.AutoTokenizer.from_pretrained(str(saved), split_special_tokens=True)
+    hf_parse = transformers.AutoTokenizer.from_pretrained(str(saved))
+    for text in (f"hi{EOS_TOKEN}", f"{BOS_TOKEN}a {PAD_TOKEN} b{EOS_TOKEN}{EOS_TOKEN}"):
+        plain = tok.encode(text)
+        assert not {tok.bos_id, tok.eos_id, tok.pad_id} & set(plain)
+        assert plain == hf_split(text, add_special_tokens=False).input_ids
+        assert tok.decode(plain) == text
+        assert tok.encode_batch([text, "x"]) == [plain, tok.encode("x")]
+        parsed = tok.encode(text, parse_special=True)
+        assert parsed == hf_parse(text, add_special_tokens=False).input_ids
+        assert tok.encode_batch([text], parse_special=True) == [parsed]
+    assert tok.encode(f"hi{EOS_TOKEN}", parse_special=True) == [*tok.encode("hi"), tok.eos_id]
 
 
 def test_autotokenizer_loads_saved_dir(tok, hf):
@@ -109,13 +121,60 @@ def test_autotokenizer_loads_saved_dir(tok, hf):
         assert hf.decode(ids) == text
 
 
+CONVERSATIONS = {
+    "system+multi-turn": MESSAGES,
+    "no system": MESSAGES[1:],
+    "two assistant turns": [*MESSAGES, {"role": "assistant", "content": "6. Done!\n\nBye  "}],
+    "assistant first, spaces and newlines": [{"role": "assistant", "content": " hi\n"},
+                                             {"role": "user", "content": "\n\ndef f(x):\n\treturn x "}],
+    "empty contents": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
+}
+
+
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_matches_hf(tok, hf, add_generation_prompt):
-    ours = tok.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt)
-    theirs = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=add_generation_prompt)
-    assert ours == list(theirs)
-    text = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert tok.format_chat(MESSAGES, add_generation_prompt) == text
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_chat_template_matches_hf(tok, hf, saved, name, add_generation_prompt):
+    messages = CONVERSATIONS[name]
+    loaded = Tokenizer.load(saved)  # renders the template stored in tokenizer_config.json
+    theirs = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    for t in (tok, loaded):
+        assert t.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == list(theirs)
+        assert t.format_chat(messages, add_generation_prompt) == text
+
+
+def test_chat_contents_with_special_token_text_stay_text(tok, saved):
+    # Expected ids by hand: the template's bos/eos are special ids, the text between them is encoded as plain text
+    # (transformers with split_special_tokens=True is the oracle for that text).
+    hf_split = transformers.AutoTokenizer.from_pretrained(str(saved), split_special_tokens=True)
+    messages = [{"role": "system", "content": f"sys {BOS_TOKEN}"}, {"role": "user", "content": f"say {EOS_TOKEN} now"},
+                {"role": "assistant", "content": f"ok{EOS_TOKEN}"}, {"role": "user", "content": PAD_TOKEN}]
+    plain = lambda s: hf_split(s, add_special_tokens=False).input_ids  # noqa: E731
+    expected = [tok.bos_id, *plain(f"sys {BOS_TOKEN}\n\nUser: say {EOS_TOKEN} now\n\nAssistant: ok{EOS_TOKEN}"),
+                tok.eos_id, *plain(f"User: {PAD_TOKEN}\n\nAssistant:")]
+    assert tok.apply_chat_template(messages) == expected
+    assert tok.decode(expected, skip_special_tokens=False) == tok.format_chat(messages)
+    custom = "{{ bos_token }}{% for m in messages %}{{ m.content | upper }}{% endfor %}"
+    with pytest.raises(ValueError, match="transforms contents"):
+        tok.apply_chat_template(messages, template=custom)
+    assert tok.apply_chat_template([{"role": "user", "content": "a"}], template=custom) == [tok.bos_id, *plain("A")]
+
+
+def test_encode_chat_masks_assistant_turns_with_their_eos(tok):
+    ids, mask = tok.encode_chat(CONVERSATIONS["two assistant turns"])
+    assert ids == tok.apply_chat_template(CONVERSATIONS["two assistant turns"], add_generation_prompt=False)
+    spans, cur = [], []
+    for i, m in zip([*ids, None], [*mask, False]):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans, cur = [*spans, cur], []
+    # by hand from the template: each assistant turn renders "Assistant: " + content + eos; the generation prompt
+    # "Assistant:" is context, the rest is the target
+    assert [tok.decode(s, skip_special_tokens=False) for s in spans] == [f" 4 🤖{EOS_TOKEN}",
+                                                                        f" 6. Done!\n\nBye  {EOS_TOKEN}"]
+    assert ids[-1] == tok.eos_id and mask[-1]
+    assert not any(tok.encode_chat(MESSAGES[:2])[1])
 
 
 def test_chat_format_text(tok):
@@ -195,3 +254,16 @@ def test_cli_train(tmp_path, capsys):
         args.func(args)
     with pytest.raises(SystemExit):
         _cli(["tokenizer", "train", "--out", str(out)])  # --vocab-size is required
+
+
+def test_pretraining_token_file_keeps_special_token_text_as_text(tok, tmp_path):
+    from dsv2.data import build_token_file
+
+    import numpy as np
+
+    doc = f"a document quoting {EOS_TOKEN} and {BOS_TOKEN} mid-text"
+    (tmp_path / "c.txt").write_text(doc, encoding="utf-8")
+    build_token_file(tmp_path / "c.txt", tok, tmp_path / "tokens.bin", progress=False)
+    ids = np.fromfile(tmp_path / "tokens.bin", dtype=np.uint16).tolist()
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and not {tok.bos_id, tok.eos_id} & set(ids[1:-1])
+    assert tok.decode(ids[1:-1]) == doc

@@ -179,7 +179,8 @@ def build_token_file(
     """Tokenize the corpus once into a flat token file plus `<out_path>.json` describing it.
 
     `tokenizer` needs vocab_size, fingerprint, bos_id, eos_id and encode_batch (dsv2.tokenizer.Tokenizer).
-    Each document is written as bos + tokens + eos. uint16 when every id fits (vocab <= 65536), else
+    Each document is written as bos + tokens + eos; a special token's string inside a document stays plain
+    text (only these added bos/eos are special ids). uint16 when every id fits (vocab <= 65536), else
     uint32. An existing file is reused when its sidecar records the same source, max_bytes, text field
     and tokenizer (vocab size and fingerprint); the source's contents are not rehashed, so delete the
     file after editing the corpus in place. Returns {files, bytes, documents, tokens, reused, path}.
@@ -193,6 +194,9 @@ def build_token_file(
         "text_field": text_field,
         "tokenizer_vocab_size": tokenizer.vocab_size,
         "tokenizer_hash": tokenizer.fingerprint,
+        # special-token strings in documents are encoded as plain text (Tokenizer.encode's default since the
+        # chat-format change); files made before, when they became special ids, lack this key and are rebuilt
+        "special_token_text": "plain",
     }
     sidecar = _sidecar_path(out_path)
     if out_path.is_file() and sidecar.is_file():

@@ -13,6 +13,7 @@ import argparse
 import functools
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -107,6 +108,13 @@ def _token_name(value, default: str) -> str:
     return value if isinstance(value, str) else default
 
 
+def _chat_template(value) -> str:
+    # a string, or transformers' list of named templates [{"name": "default", "template": ...}, ...]
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) and value else CHAT_TEMPLATE
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of bos, eos and pad and the DeepSeek-V2 chat format."""
 
@@ -116,8 +124,10 @@ class Tokenizer:
         bos_token: str = BOS_TOKEN,
         eos_token: str = EOS_TOKEN,
         pad_token: str = PAD_TOKEN,
+        chat_template: str = CHAT_TEMPLATE,
     ):
         self.tok = tok
+        self.chat_template = chat_template  # Jinja, as in tokenizer_config.json; DeepSeek-V2's by default
         self.bos_token, self.eos_token = bos_token, eos_token
         for name in (bos_token, eos_token):
             if tok.token_to_id(name) is None:
@@ -140,6 +150,7 @@ class Tokenizer:
             bos_token=_token_name(config.get("bos_token"), BOS_TOKEN),
             eos_token=_token_name(config.get("eos_token"), EOS_TOKEN),
             pad_token=_token_name(config.get("pad_token"), PAD_TOKEN),
+            chat_template=_chat_template(config.get("chat_template")),
         )
 
     def save(self, out_dir: str | Path) -> None:
@@ -154,7 +165,7 @@ class Tokenizer:
             "pad_token": self.pad_token,
             # HF's default cleanup rewrites " ." to "." on decode; byte-level BPE must round-trip exactly.
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
         }
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         (out_dir / "tokenizer_config.json").write_text(text, encoding="utf-8")
@@ -184,39 +195,123 @@ class Tokenizer:
         """Short hash of the full tokenizer definition, to tell whether token files were made with it."""
         return hashlib.sha256(self.tok.to_str().encode("utf-8")).hexdigest()[:16]
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        # Special-token strings inside `text` become their ids (as in HF); that is how the chat template's
-        # bos/eos text turns into ids.
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False, *, parse_special: bool = False) -> list[int]:
+        """Token ids of `text` (bos first when add_bos). Special-token strings inside `text` (e.g. the eos token's
+        name typed by a user) stay plain text unless `parse_special`, as transformers' `split_special_tokens=True`
+        and vLLM do for user content; only the chat template's own markers become special ids (see
+        apply_chat_template)."""
+        ids = (self.tok if parse_special else self._plain).encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
-    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_bos: bool = False, *, parse_special: bool = False) -> list[list[int]]:
         """encode() over many texts at once (parallel in the Rust library)."""
-        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        encs = (self.tok if parse_special else self._plain).encode_batch_fast(texts, add_special_tokens=False)
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encs]
+
+    @functools.cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        # The same tokenizer with special-token matching off: their strings are split like any other text.
+        plain = tokenizers.Tokenizer.from_str(self.tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    @functools.cached_property
+    def _added_strings(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self.tok.get_added_tokens_decoder().values())
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render CHAT_TEMPLATE in plain Python (same text as the Jinja template)."""
-        parts = [self.bos_token]
-        for m in messages:
-            role, content = m["role"], m["content"]
-            if role == "user":
-                parts.append("User: " + content + "\n\n")
-            elif role == "assistant":
-                parts.append("Assistant: " + content + self.eos_token)
-            elif role == "system":
-                parts.append(content + "\n\n")
-        if add_generation_prompt:
-            parts.append("Assistant:")
-        return "".join(parts)
+    # ---- chat --------------------------------------------------------------------------------------------------
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True, template: str | None = None) -> str:
+        """The chat text: `template` (default: this tokenizer's chat_template) rendered with Jinja exactly as
+        transformers' apply_chat_template(tokenize=False) renders it."""
+        return _compile(template or self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+            eos_token=self.eos_token, pad_token=self.pad_token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # Encode the whole rendered string at once, as HF does: encoding the turns one by one would split
-        # "\n\nAssistant" differently at the seams.
-        return self.encode(self.format_chat(messages, add_generation_prompt))
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            template: str | None = None) -> list[int]:
+        """messages -> token ids, the one chat encoding (SFT, RM, GRPO, generate/chat, the server).
+
+        The template's own markers (bos, eos) become special ids; message contents are plain text, so a user who
+        types the eos token's name gets its characters, not an eos. Text between markers is encoded whole, as
+        transformers does, so the ids equal `AutoTokenizer.apply_chat_template(messages)` whenever no content
+        holds special-token text (encoding turn by turn would split "\n\nAssistant" differently at the seams)."""
+        text = self.format_chat(messages, add_generation_prompt, template)
+        contents = [m.get("content") for m in messages]
+        if not any(isinstance(c, str) and t in c for c in contents for t in self._added_strings):
+            return self.encode(text, parse_special=True)
+        # Render again with each content replaced by a marker, check that putting the contents back gives the same
+        # text, then encode the template's text with special tokens and the contents as plain text.
+        tag = "\ue000"
+        while any(tag in str(c) for c in contents) or tag in (template or self.chat_template):
+            tag += "\ue000"
+        marked_messages = [{**m, "content": f"{tag}{i}{tag}"} if isinstance(m.get("content"), str) else m
+                           for i, m in enumerate(messages)]
+        marked = self.format_chat(marked_messages, add_generation_prompt, template).split(tag)
+        # marked alternates template text and content index: [text, "i", text, "j", text, ...]
+        rebuilt = "".join(part if k % 2 == 0 else contents[int(part)] for k, part in enumerate(marked))
+        if len(marked) % 2 == 0 or rebuilt != text:
+            raise ValueError("message content holds special-token text and the chat template transforms contents, "
+                             "so it cannot be kept as plain text")
+        ids: list[int] = []
+        pending = ""  # plain text waiting to be encoded in one piece
+        for k, part in enumerate(marked):
+            if k % 2:
+                pending += contents[int(part)]
+                continue
+            for j, piece in enumerate(self._split_special(part)):
+                if j % 2:
+                    ids += self.encode(pending)
+                    ids.append(self.tok.token_to_id(piece))
+                    pending = ""
+                else:
+                    pending += piece
+        return ids + self.encode(pending)
+
+    def _split_special(self, text: str) -> list[str]:
+        """[text, special, text, special, ..., text]: `text` cut at the added tokens' strings (longest first)."""
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(self._added_strings, key=len, reverse=True)) + ")"
+        return re.split(pattern, text)
+
+    def encode_chat(self, messages: list[dict], template: str | None = None) -> tuple[list[int], list[bool]]:
+        """(ids, mask) of a whole conversation for training: mask[t] is True where ids[t] is a target of the loss,
+        i.e. the tokens of every assistant turn, its closing eos included.
+
+        The mask comes from rendering prefixes: assistant turn i spans from the end of the conversation up to it
+        plus the generation prompt ("...Assistant:") to the end of the conversation through turn i. Where a prefix
+        does not encode to a prefix of the whole (a merge across the seam), the span starts where they part."""
+        ids = self.apply_chat_template(messages, add_generation_prompt=False, template=template)
+        mask = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            start = _common_prefix(ids, self.apply_chat_template(messages[:i], True, template))
+            end = _common_prefix(ids, self.apply_chat_template(messages[: i + 1], False, template))
+            mask[start:end] = [True] * (end - start)
+        return ids, mask
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+    """A Jinja chat template compiled in transformers' environment (sandboxed; trim_blocks, lstrip_blocks,
+    loop controls, raise_exception, tojson)."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # jinja2 is a dependency of torch
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    return env.from_string(template)
 
 
 def add_tokenizer_command(subparsers) -> None:

@@ -2,8 +2,8 @@
 
 The engine only sees token ids; the server and the CLI turn its tokens into text here. `TextStream` decodes
 incrementally (a multi-byte character split over tokens is held back until complete), finds stop strings across
-token boundaries, and never emits a partial stop string. `ChatTemplate` renders the Jinja `chat_template` of the
-checkpoint's tokenizer_config.json (as transformers does), falling back to DeepSeek-V2's format.
+token boundaries, and never emits a partial stop string. `ChatTemplate` binds the Jinja `chat_template` of the
+checkpoint's tokenizer_config.json (DeepSeek-V2's when it has none) to the tokenizer's one chat encoding.
 """
 
 from __future__ import annotations
@@ -127,21 +127,15 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
 
 
 class ChatTemplate:
-    """messages -> prompt text, from the checkpoint's tokenizer_config.json `chat_template` (Jinja)."""
+    """messages -> prompt text / ids, from the checkpoint's tokenizer_config.json `chat_template` (Jinja).
+
+    A thin binding of a template to the tokenizer: rendering and encoding are Tokenizer.format_chat and
+    Tokenizer.apply_chat_template (message contents stay plain text; only the template's markers are special ids).
+    """
 
     def __init__(self, tokenizer: Tokenizer, template: str | None = None):
         self.tokenizer = tokenizer
-        self.source = template
-        self._template = None
-        if template:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment  # a dependency of torch
-
-            def raise_exception(message):
-                raise ValueError(f"chat template: {message}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(template)
+        self.source = template or tokenizer.chat_template
 
     @classmethod
     def from_dir(cls, path: str | Path, tokenizer: Tokenizer) -> "ChatTemplate":
@@ -152,10 +146,7 @@ class ChatTemplate:
         return cls(tokenizer, template if isinstance(template, str) else None)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if self._template is None:
-            return self.tokenizer.format_chat(messages, add_generation_prompt)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+        return self.tokenizer.format_chat(messages, add_generation_prompt, template=self.source)
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt))
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt, template=self.source)
