@@ -174,14 +174,104 @@ def _balance(rank, world, out_dir):
     (out_dir / f"ok-balance-{rank}").write_text("ok")
 
 
-def _all_checks(rank, world, out_dir):
+def _ep_dist(rank, world, ep):
+    from dsv2.train.parallel import Dist
+
+    return Dist(rank, world, rank, torch.device("cpu"), ep=ep, ep_group=dist.group.WORLD)
+
+
+def _checkpoints(rank, world, out_dir, single):
+    """Meta build + materialize gives the single-process init_weights (on a meta-built model: DeepseekV2(cfg) on
+    a real device also draws the layers' default inits first); a single-process checkpoint loads split (only
+    this rank's experts read); an EP model saves its shards into one HF checkpoint (logits kept for the parent)."""
+    from safetensors.torch import save_file
+
+    from dsv2.checkpoint import load_checkpoint
+    from dsv2.train.parallel import write_model_shards
+
+    cfg = tiny()
+    with torch.device("meta"):
+        full = DeepseekV2(cfg)  # built on meta, then initialised: the constructors draw nothing
+    full.to_empty(device="cpu")
+    torch.manual_seed(5)
+    full.init_weights()
+    torch.manual_seed(5)
+    with torch.device("meta"):
+        model = DeepseekV2(cfg)
+    ep = xp.apply_expert_parallel(model, dist.group.WORLD)
+    xp.materialize(model, torch.device("cpu"))
+    ref = full.state_dict()
+    lo, hi = ep.local_experts().start, ep.local_experts().stop
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, ref[n][lo:hi] if ".mlp.experts." in n else ref[n]), n
+    read = []
+    loaded = load_checkpoint(single, prepare=lambda m: read.append(xp.apply_expert_parallel(m, dist.group.WORLD)))
+    assert read and loaded.moe_layers()[0].experts.w13.shape[0] == cfg.n_routed_experts // world
+    ids, mine = _tokens(cfg, rank, world)
+    torch.testing.assert_close(loaded(mine).detach(), load_checkpoint(single)(ids)[rank * 2:(rank + 1) * 2].detach(),
+                               rtol=1e-5, atol=1e-5)
+    finish = write_model_shards(model, out_dir / "ep-ckpt", _ep_dist(rank, world, world))
+    if finish is not None:
+        finish()
+    with torch.no_grad():
+        save_file({"logits": model(mine)}, out_dir / f"logits-{rank}.safetensors")
+    dist.barrier()
+    (out_dir / f"ok-ckpt-{rank}").write_text("ok")
+
+
+def _engine(rank, world, out_dir, single):
+    """The Engine over a model with split experts: every rank runs the same requests, tokens as one process."""
+    from dsv2.checkpoint import load_checkpoint
+    from dsv2.infer.engine import Engine, SamplingParams
+
+    model = load_checkpoint(single, prepare=lambda m: xp.apply_expert_parallel(m, dist.group.WORLD))
+    outs = Engine(model, kv_cache_memory="4MB").generate([[1, 5, 9, 13], [2, 4], [7] * 11],
+                                                        SamplingParams(max_tokens=6, ignore_eos=True))
+    (out_dir / f"engine-{rank}.json").write_text(json.dumps([o.token_ids for o in outs]))
+
+
+def _all_checks(rank, world, out_dir, single):
     _parity(rank, world, out_dir)
     _dropping(rank, world, out_dir)
     _balance(rank, world, out_dir)
+    _checkpoints(rank, world, out_dir, single)
+    _engine(rank, world, out_dir, single)
 
 
-def test_ep_layer_matches_one_process_2(tmp_path):
-    """2 processes: outputs and gradients, dropping at capacity, balance losses (one spawn for all)."""
-    spawn(_all_checks, 2, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"ok-{k}-{r}" for k in ("parity", "drop", "balance") for r in range(2))
+def _single_checkpoint(path):
+    from dsv2.checkpoint import save_checkpoint
+
+    torch.manual_seed(3)
+    save_checkpoint(DeepseekV2(tiny()), path)
+    return path
+
+
+def test_ep_matches_one_process_2(tmp_path):
+    """2 processes (one spawn for all): outputs and gradients, dropping at capacity, balance losses, init and
+    checkpoints both ways, the Engine."""
+    from safetensors.torch import load_file
+
+    import dsv2
+    from dsv2.infer.engine import Engine, SamplingParams
+
+    single = _single_checkpoint(tmp_path / "single")
+    out = tmp_path / "out"
+    out.mkdir()
+    spawn(_all_checks, 2, out, single)
+    assert {p.name for p in out.iterdir() if p.name.startswith("ok-")} == {
+        f"ok-{k}-{r}" for k in ("parity", "drop", "balance", "ckpt") for r in range(2)}
+    # saved under EP (one shard file per rank, the HF layout), loaded on one process: the same logits
+    ckpt = out / "ep-ckpt"
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(index.values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert index["model.layers.1.mlp.experts.5.down_proj.weight"] == "model-00002-of-00002.safetensors"
+    model = dsv2.load_checkpoint(ckpt)
+    ids, _ = _tokens(model.config, 0, 2)
+    ep_logits = torch.cat([load_file(out / f"logits-{r}.safetensors")["logits"] for r in range(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ep_logits, rtol=1e-5, atol=1e-5)
+    # the Engine with split experts generates what it generates on one process
+    want = [o.token_ids for o in Engine(dsv2.load_checkpoint(single), kv_cache_memory="4MB").generate(
+        [[1, 5, 9, 13], [2, 4], [7] * 11], SamplingParams(max_tokens=6, ignore_eos=True))]
+    for r in range(2):
+        assert json.loads((out / f"engine-{r}.json").read_text()) == want

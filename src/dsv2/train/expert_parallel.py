@@ -202,21 +202,31 @@ def apply_expert_parallel(model: nn.Module, group, dp_group=None) -> ExpertParal
     return model.expert_parallel
 
 
-@torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, std: float | None = None) -> None:
-    """A meta-device model (experts split) onto `device`, initialised exactly as the single-process model built
-    after the same torch.manual_seed: init_weights runs over the same modules in the same order, each routed
-    expert stack drawn whole (one layer's stack at a time, for the random stream) and sliced to this shard."""
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """A meta-device model (experts split) onto `device`, initialised as DeepseekV2(cfg) would be."""
     model.to_empty(device=device)
+    init_weights(model)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float | None = None) -> None:
+    """model.init_weights(std) for a model with split experts, giving exactly the weights init_weights gives the
+    whole model after the same torch.manual_seed (so every rank holds the same non-expert weights): it runs over
+    the same modules in the same order, each routed expert stack drawn whole (one layer's stack at a time, for
+    the random stream) and sliced to this shard. (DeepseekV2(cfg) on a real device first draws each layer's
+    default init too, so a from-scratch single-process run starts from other numbers; --init-from starts both
+    from the same weights.)"""
     ep: ExpertParallel = model.expert_parallel
     local = ep.local_experts()
+    device = model.lm_head.weight.device
 
     def modules():
         for m in model.modules():
             if not isinstance(m, RoutedExperts):
                 yield m
                 continue
-            full = RoutedExperts(ep.size * ep.per_rank, m.w13.shape[2], m.inter).to(device)
+            with torch.device(device):
+                full = RoutedExperts(ep.size * ep.per_rank, m.w13.shape[2], m.inter)
             yield full
             m.w13.copy_(full.w13[local.start:local.stop])
             m.w2.copy_(full.w2[local.start:local.stop])
@@ -260,7 +270,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, world_group=None) -> torch
     the same value on every rank. Returns the norm before clipping (float32)."""
     ep: ExpertParallel = model.expert_parallel
     experts = expert_params(model)
-    sq_rest, sq_exp = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    dev = model.lm_head.weight.device
+    sq = torch.zeros(2, dtype=torch.float64, device=dev)  # squared norms: [rest, experts]
     sharded = False
     grads = []
     for n, p in model.named_parameters():
@@ -269,19 +280,12 @@ def clip_grad_norm(model: nn.Module, max_norm: float, world_group=None) -> torch
         g = p.grad
         if hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard of it
             g, sharded = g.to_local(), True
-        s = g.detach().double().pow(2).sum().cpu()
-        if n in experts:
-            sq_exp += s
-        else:
-            sq_rest += s
+        sq[int(n in experts)] += g.detach().double().pow(2).sum()
         grads.append(g)
-    dev = grads[0].device if grads else torch.device("cpu")
-    sq_exp = sq_exp.to(dev)
-    dist.all_reduce(sq_exp, group=ep.group)  # every expert shard once (the dp replicas hold the same)
+    dist.all_reduce(sq[1:], group=ep.group)  # every expert shard once (the dp replicas hold the same)
     if sharded:
-        sq_rest = sq_rest.to(dev)
-        dist.all_reduce(sq_rest, group=world_group)
-    total = (sq_rest.to(dev) + sq_exp).sqrt()
+        dist.all_reduce(sq[:1], group=world_group)
+    total = sq.sum().sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))
@@ -289,4 +293,4 @@ def clip_grad_norm(model: nn.Module, max_norm: float, world_group=None) -> torch
 
 
 __all__ = ["EPDispatcher", "ExpertParallel", "all_to_all", "apply_expert_parallel", "check_config", "clip_grad_norm",
-           "device_limit", "expert_params", "materialize", "sync_grads"]
+           "device_limit", "expert_params", "init_weights", "materialize", "sync_grads"]

@@ -66,6 +66,7 @@ class RunRecipe:
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32 / bfloat16
     compile: bool = False  # torch.compile the model (CUDA)
     fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
+    ep: int = 1  # under torchrun: split the routed experts over this many processes (expert parallel)
     # bookkeeping
     log_every: int = 10
     eval_every: int = 100
@@ -79,6 +80,7 @@ class RunRecipe:
         for name in ("micro_batch_size", "batch_size_start", "batch_ramp_steps", "warmup_steps", "keep_last"):
             _need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")
         _need(self.schedule in ("step", "cosine"), f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         _need(self.dtype in ("auto", "float32", "bfloat16"),
               f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsv2.checkpoint import load_checkpoint, load_config, save_checkpoint
+from dsv2.checkpoint import load_config, save_checkpoint
 from dsv2.config import ModelConfig
 from dsv2.model import DeepseekV2
 from dsv2.tokenizer import Tokenizer
@@ -109,7 +109,7 @@ def train(stage: Stage, recipe: RunRecipe, out: str | Path, resume: bool = False
     stopped_by: "done" | "stop_after" | "SIGINT" | "SIGTERM", tokens_per_s, ...). Under torchrun every process
     calls this. `stop_after` ends the run (with a checkpoint) after that step without changing the schedule."""
     recipe.validate()
-    d = parallel.init_distributed()
+    d = parallel.init_distributed(recipe.ep)
     try:
         run = Run(stage, recipe, Path(out), d, progress)
         run.setup(resume)
@@ -175,13 +175,8 @@ class Run:
         self.autocast_dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else None,
                                "bfloat16": torch.bfloat16, "float32": None}[r.dtype]
         torch.manual_seed(r.seed)
-        if source is not None:  # float32 master weights, whatever the checkpoint stores
-            model = load_checkpoint(source, dtype=torch.float32, config=self.cfg, fp8=False)
-        else:
-            model = DeepseekV2(self.cfg)
-            if r.init_std is not None:
-                model.init_weights(r.init_std)
-        model.to(self.device).train()
+        # float32 master weights, whatever the checkpoint stores; under --ep each rank holds only its experts
+        model = parallel.build_model(self.cfg, d, source, r.init_std)
         if r.compile:
             if self.device.type == "cuda":
                 model.compile()
@@ -203,8 +198,11 @@ class Run:
             self.metrics_path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
         n_params = sum(p.numel() for p in model.parameters())
         what = f"from {r.init_from}" if r.init_from else f"preset {r.preset}"
+        n_params += sum(p.numel() for p in parallel.expert_params(model).values()) * (d.ep - 1)  # other ranks'
+        how = " (FSDP2)" if r.fsdp and d.enabled else " (DDP)" if d.enabled and d.ep == 1 else ""
+        how += f" (experts split over {d.ep}: --ep)" if d.ep > 1 else ""
         self.say(f"model: {what}, {n_params / 1e6:.1f}M parameters; {d.world_size} process(es) on "
-                 f"{self.device.type}{' (FSDP2)' if r.fsdp and d.enabled else ' (DDP)' if d.enabled else ''}, "
+                 f"{self.device.type}{how}, "
                  f"{'bf16 autocast' if self.autocast_dtype else 'float32'}")
 
     def _model_config(self) -> ModelConfig:
@@ -297,8 +295,7 @@ class Run:
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 names, stats, load = self.train_step(B)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                grad_norm = parallel.clip_grad_norm(self.model, r.grad_clip or float("inf"))
                 # one collective for everything the ranks must agree on: losses, stop request, expert load
                 flag = torch.tensor([float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
                 packed = parallel.all_reduce_sum(torch.cat([stats, flag, load.flatten().to(self.device)]), d).cpu()
@@ -399,7 +396,8 @@ class Run:
         d, r = self.d, self.r
         path = self.out / CKPT_DIR / f"step-{self.step:08d}"
         # collectives first (every rank), then rank 0 writes
-        model_state = parallel.full_model_state(self.model, d) if r.fsdp and d.enabled else None
+        model_state = parallel.full_model_state(self.model, d) if r.fsdp and d.enabled and d.ep == 1 else None
+        finish_shards = parallel.write_model_shards(self.raw, path, d)  # --ep: each rank writes its experts now
         optim_state = parallel.full_optimizer_state(self.model, self.opt, d)
         rng = parallel.all_gather_object(
             (torch.get_rng_state(), torch.cuda.get_rng_state() if self.device.type == "cuda" else None), d)
@@ -421,7 +419,10 @@ class Run:
 
             previous = latest_checkpoint(self.out)
             try:
-                save_checkpoint(model, path, extra=extra)
+                if finish_shards is not None:
+                    finish_shards(extra)
+                else:
+                    save_checkpoint(model, path, extra=extra)
             except OSError as e:
                 kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
                 raise TrainingError(f"could not write checkpoint {path}: {e.strerror or e}. Nothing was half-written; "
