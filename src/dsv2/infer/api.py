@@ -283,10 +283,9 @@ def prepare_completion(body: CompletionRequest, tokenizer, limits: Limits) -> Pr
     if body.suffix not in (None, ""):
         raise APIError(400, "'suffix' is not implemented by this server", "suffix", "unsupported_parameter")
     p = body.prompt
-    if isinstance(p, str):
-        prompts = [tokenizer.encode(p)]
-    elif p and all(isinstance(x, str) for x in p):
-        prompts = tokenizer.encode_batch(list(p))
+    if isinstance(p, str) or (p and all(isinstance(x, str) for x in p)):
+        # encode_batch releases the GIL (encode does not): a long prompt does not hold up the event loop
+        prompts = tokenizer.encode_batch([p] if isinstance(p, str) else list(p))
     elif p and all(isinstance(x, int) for x in p):
         prompts = [list(p)]
     else:

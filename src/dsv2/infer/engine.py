@@ -356,10 +356,23 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         batch = PagedBatch(self.pool, [r.blocks for r in reqs], [r.n_cached for r in reqs])
         step_model = compiled(self.model, self.compile) if self.compile else self.model
-        sampled = self._sample(reqs, step_model(ids, cache=batch)[:, 0])
+        logits = step_model(ids, cache=batch)[:, 0]
+        keep = [b for b, r in enumerate(reqs) if r.params.max_tokens > 0]  # (a last prompt token can land here)
+        sampled = self._sample([reqs[b] for b in keep], logits[keep]) if keep else None
         for r in reqs:
             r.n_cached += 1
-        return self._append(reqs, sampled)
+        outputs = self._append([reqs[b] for b in keep], sampled) if keep else []
+        return outputs + [self._prompt_only(r) for r in reqs if r.params.max_tokens == 0]
+
+    def _prompt_only(self, r: Request) -> RequestOutput:
+        """End a max_tokens 0 request once its prompt is in: its output is the prompt's log-probs."""
+        out = RequestOutput(r.id, [], True, "length", num_prompt_tokens=len(r.prompt))
+        out.prompt_logprobs, r.prompt_lps = r.prompt_lps, None
+        r.finish_reason = "length"
+        self.running.remove(r)
+        self.requests.pop(r.id, None)
+        self._release(r)
+        return out
 
     def _prefill(self, rows: list[tuple[Request, int]]) -> list[RequestOutput]:
         """One forward over the rows' next prompt chunks; rows whose chunk ends their prompt are sampled."""
@@ -387,17 +400,7 @@ class Engine:
             if b in prompt_lps:
                 r.prompt_lps += prompt_lps[b]
         outputs = self._append([reqs[b] for b in to_sample], sampled) if to_sample else []
-        for b in done:
-            if reqs[b].params.max_tokens == 0:  # only the prompt's log-probs were asked for
-                r = reqs[b]
-                out = RequestOutput(r.id, [], True, "length", num_prompt_tokens=len(r.prompt))
-                out.prompt_logprobs, r.prompt_lps = r.prompt_lps, None
-                r.finish_reason = "length"
-                self.running.remove(r)
-                self.requests.pop(r.id, None)
-                self._release(r)
-                outputs.append(out)
-        return outputs
+        return outputs + [self._prompt_only(reqs[b]) for b in done if reqs[b].params.max_tokens == 0]
 
     def _prompt_logprobs(self, r: Request, logits: torch.Tensor) -> list:
         """(logprob, top-k) of the prompt tokens this chunk's logits [n, V] predict and r has not got yet (a
