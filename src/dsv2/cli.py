@@ -16,6 +16,7 @@ _COMMANDS = [
     "dsv2.info:add_command",
     "dsv2.tokenizer:add_tokenizer_command",
     "dsv2.train.pretrain:add_command",
+    "dsv2.train.grpo:add_command",
     "dsv2.train.synthetic:add_command",
     "dsv2.infer.cli:add_commands",
     "dsv2.demo:add_command",

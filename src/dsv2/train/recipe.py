@@ -153,8 +153,8 @@ def add_flags(p: argparse.ArgumentParser, cls: type = Recipe, choices: dict[str,
     given stays out of the parsed namespace, so the TOML file and a resumed run's recipe show through."""
     types_, helps = field_types(cls), field_help(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "model":
-            continue
+        if f.name == "model" or typing.get_origin(types_[f.name]) in (list, dict) or types_[f.name] in (list, dict):
+            continue  # tables and lists are TOML-only (a stage may add its own repeatable flag for a list)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f"{helps.get(f.name, '')} (default: {default})".lstrip()

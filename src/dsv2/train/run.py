@@ -64,6 +64,8 @@ class Stage:
         loss(run, micro_batch)       {"loss": the scalar to backpropagate, other scalars to log (detached)}; runs
                                      under autocast; use run.model (wrapped) for the forward, run.raw for the rest
         evaluate(run)                {"eval_loss": ..., other metrics} or None; under no_grad, model in eval mode
+        plots(run, records)          draw the stage's own figures from metrics.jsonl's records (at each checkpoint)
+    Stages may also write their own records into metrics.jsonl with run.record(rec) (rec has "step").
     """
 
     name = "train"
@@ -87,6 +89,9 @@ class Stage:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def plots(self, run: Run, records: list[dict]) -> None:
         pass
 
 
@@ -363,7 +368,7 @@ class Run:
         if load.numel():  # per MoE layer: tokens of the busiest expert / the mean (1.0 is a perfect balance)
             rec["expert_load_max_over_mean"] = [round(v, 4) for v in
                                                 (load.amax(1) / load.mean(1).clamp_min(1e-9)).tolist()]
-        self._record(rec)
+        self.record(rec)
         window.update(n=0, sums={}, tokens=0, time=0.0, load=torch.zeros_like(load))
 
     def _eval_and_record(self) -> int:
@@ -379,14 +384,15 @@ class Run:
                            expert_tokens_since=self.window_start, first_moe_layer=self.cfg.first_k_dense_replace)
                 self.load_window.zero_()
                 self.window_start = self.step
-            self._record(rec)
+            self.record(rec)
             shown = [f"eval loss {res['eval_loss']:.3f}" if "eval_loss" in res else ""]
             shown += [f"(perplexity {res['eval_ppl']:.1f})" if "eval_ppl" in res else ""]
             shown += [f"{k} {v:.4g}" for k, v in res.items() if k not in ("eval_loss", "eval_ppl")]
             self.say(f"step {self.step}: " + " ".join(s for s in shown if s))
         return self.step
 
-    def _record(self, rec: dict) -> None:
+    def record(self, rec: dict) -> None:
+        """Append a record to metrics.jsonl (main process); the run's own and a stage's extra ones."""
         if self.d.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -441,6 +447,7 @@ class Run:
             loads = [rec for rec in records if "expert_tokens" in rec]
             if loads:
                 plots.plot_expert_load_record(loads[-1], self.out / "expert_load.png")
+            self.stage.plots(self, records)
         except Exception as e:  # a figure is never worth stopping training for
             self.say(f"warning: could not draw plots: {e}")
 
