@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsv2.model.fp8 as fp8
+from dsv2.model import fp8_cpu
 from dsv2 import DeepseekV2, ModelConfig
 from dsv2.model.fp8 import (
     FP8_DTYPE,
@@ -235,7 +236,14 @@ def test_expert_stacks_keep_per_projection_blocks(pair):
     assert torch.all((d2 - w2).abs() <= _e4m3_bound(w2))
 
 
-def test_experts_compute_with_dequantized_weights_of_active_experts_only(pair, monkeypatch):
+@pytest.mark.parametrize("kernel", [False, True], ids=["dequantize", "cpu-kernel"])
+def test_experts_compute_with_dequantized_weights_of_active_experts_only(pair, monkeypatch, kernel):
+    """Without the CPU kernel only the experts with rows are dequantized; with it nothing is (the kernel reads the
+    FP8 bytes); both compute SwiGLU with the independently dequantized weights."""
+    if kernel and not fp8_cpu.available():
+        pytest.skip("the FP8 CPU kernel cannot be built here (no C compiler or no AVX2/F16C)")
+    if not kernel:
+        monkeypatch.setattr(fp8_cpu, "_lib", False)
     _, model = pair
     experts = model.model.layers[1].mlp.experts
     E, two_i, H = experts.w13.shape
@@ -251,7 +259,8 @@ def test_experts_compute_with_dequantized_weights_of_active_experts_only(pair, m
 
     monkeypatch.setattr(fp8, "dequantize_fp8_blockwise", spy)
     got = experts(x, counts, w)
-    assert sum(deq) == 2 * (experts.w13[0].numel() + experts.w2[0].numel())  # experts 1 and 4, nothing else
+    # without the kernel: experts 1 and 4, nothing else
+    assert sum(deq) == (0 if kernel else 2 * (experts.w13[0].numel() + experts.w2[0].numel()))
     # reference: SwiGLU per expert with the independently dequantized weights
     w13, w2 = _loop_dequant_experts(experts)
     ref = []

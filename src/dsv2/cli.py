@@ -20,6 +20,7 @@ _COMMANDS = [
     "dsv2.train.synthetic:add_command",
     "dsv2.infer.cli:add_commands",
     "dsv2.demo:add_command",
+    "dsv2.init:add_command",
 ]
 
 

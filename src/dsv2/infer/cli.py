@@ -253,21 +253,19 @@ def _default_model_name(model_dir: Path) -> str:
 
 
 def _quantize(args) -> int:
-    from dsv2.checkpoint import load_checkpoint, save_checkpoint
-    from dsv2.model.fp8 import weight_nbytes
+    from dsv2.checkpoint import quantize_checkpoint
 
     src, out = Path(args.model), Path(args.out)
     if src.resolve() == out.resolve():
         raise ValueError("--out must differ from --model")
-    model = load_checkpoint(src, fp8=True)  # quantized one tensor at a time while loading
 
     def copy_tokenizer(tmp: Path) -> None:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
 
-    save_checkpoint(model, out, max_shard_size=args.max_shard_size, extra=copy_tokenizer)
+    # tensor by tensor from the input files into the output shards: peak memory is about one tensor
+    quantize_checkpoint(src, out, max_shard_size=args.max_shard_size, extra=copy_tokenizer)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote FP8 checkpoint to {out}: {size / 2**20:.1f} MiB of weights "
-          f"({weight_nbytes(model) / 2**20:.1f} MiB in memory)")
+    print(f"wrote FP8 checkpoint to {out}: {size / 2**20:.1f} MiB of weights")
     return 0

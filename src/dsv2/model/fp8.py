@@ -8,8 +8,11 @@ and W = weight.float() * weight_scale_inv, each scale covering one 128x128 block
 Dequantization multiplies in float32 and then casts, as DeepSeek's `weight_dequant` kernel does.
 
 `convert_model_fp8(model)` turns every linear layer except lm_head and the MoE router into an FP8Linear and every
-stack of routed experts into FP8RoutedExperts, in place. Without FP8 matmul hardware the weights stay FP8 in memory
-and are dequantized per block when used; experts are dequantized only when they received tokens. Expert stacks
+stack of routed experts into FP8RoutedExperts, in place. The weights stay FP8 in memory. `fp8_linear` is the one
+product with such a weight: on CPU the kernel of dsv2.model.fp8_cpu reads each FP8 weight once per call and never
+writes a dequantized copy (decode at batch 1..8 is bound by reading the weights); elsewhere (or where that kernel
+cannot be built) the weight is dequantized into the compute dtype, then multiplied; experts are dequantized only
+when they received tokens. Expert stacks
 keep the checkpoint's per-projection blocks: w13 [E, 2I, H] holds gate rows then up rows, and its scales
 [E, 2 * ceil(I/128), ceil(H/128)] are the gate's block rows then the up's, so an I that is not a multiple of 128
 (tiny presets) still matches the published per-expert tensors exactly.
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2.model import fp8_cpu
 from dsv2.model.moe import RoutedExperts
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -42,7 +46,8 @@ FP8_QUANT_CONFIG = {
 
 
 # ---- block quantization --------------------------------------------------------------------------------------
-def _scale_shape(shape: torch.Size, block: int) -> tuple[int, ...]:
+def scale_shape(shape: torch.Size | tuple, block: int = BLOCK) -> tuple[int, ...]:
+    """The block scales' shape for a weight [..., rows, cols]."""
     *lead, rows, cols = shape
     return (*lead, math.ceil(rows / block), math.ceil(cols / block))
 
@@ -97,7 +102,7 @@ def dequantize_fp8_blockwise(
     w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """W [..., out, in] in `dtype` = w_fp8.float() * scale_inv broadcast per block (product taken in float32)."""
-    expected = _scale_shape(w_fp8.shape, block)
+    expected = scale_shape(w_fp8.shape, block)
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(w_fp8.shape)} "
                          f"with block {block}: expected {expected}")
@@ -110,6 +115,27 @@ def dequantize_fp8_blockwise(
 def fp8_linear_nbytes(out_features: int, in_features: int, block: int = BLOCK) -> int:
     """Bytes of an FP8 block-scaled weight: 1 per element plus a float32 scale per block (no bias)."""
     return out_features * in_features + 4 * math.ceil(out_features / block) * math.ceil(in_features / block)
+
+
+def _cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether products with x run through the CPU kernel (inference on CPU, not while torch.compile traces)."""
+    return (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling() and fp8_cpu.available())
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias) -> [..., out] in x's dtype, W [out, in] FP8 with block scales: the CPU kernel where
+    it runs (float32 accumulation, then cast), else dequantize into x's dtype and F.linear."""
+    if not _cpu_kernel(x):
+        return F.linear(x, dequantize_fp8_blockwise(weight, scale_inv, block, x.dtype),
+                        None if bias is None else bias.to(x.dtype))
+    x2 = x.reshape(-1, x.shape[-1])
+    y = fp8_cpu.fp8_linear_into(x2, weight, scale_inv, block, x2.new_empty(x2.shape[0], weight.shape[0],
+                                                                           dtype=torch.float32))
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 # ---- modules -------------------------------------------------------------------------------------------------
@@ -137,13 +163,11 @@ class FP8Linear(nn.Module):
     `weight` and `weight_scale_inv` are buffers (never trained) named as in DeepSeek's FP8 checkpoints, so
     `state_dict()` / `load_state_dict()` speak that format directly.
 
-    forward() dequantizes W into x's dtype and calls F.linear; the dequantized weight lives only for the
-    call. `chunk_rows` (None = whole weight at once) bounds that transient to chunk_rows x in: rows are
-    dequantized and multiplied a chunk at a time (results then match the unchunked path to matmul rounding,
-    not bit for bit). The same code runs on CUDA: we do not call torch._scaled_mm, whose per-tensor and
-    rowwise scaling cannot express 128x128 weight blocks and whose block-scaled modes need activations
-    quantized to FP8 in 1x128 groups (DeepSeek's fp8_gemm), which changes the numerics. A fused FP8 GEMM
-    would be a separate fast path tested against this one.
+    forward() is `fp8_linear`: on CPU the kernel reads the FP8 weight directly; elsewhere W is dequantized
+    into x's dtype for the call. `chunk_rows` (None = whole weight at once) bounds that transient to
+    chunk_rows x in: rows are dequantized and multiplied a chunk at a time (results then match the unchunked
+    path to matmul rounding, not bit for bit). `dequantized_weight` (MLA's weight absorption asks for
+    kv_b_proj's matrix on every decode step) keeps its last result while the FP8 weight is unchanged.
     """
 
     QUANTIZED = ("weight", "weight_scale_inv")
@@ -154,9 +178,10 @@ class FP8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.block = in_features, out_features, block
         self.chunk_rows = chunk_rows
+        self._dense: tuple | None = None  # (key, W) of the last dequantized_weight, see there
         shape = torch.Size((out_features, in_features))
         self.register_buffer("weight", torch.zeros(shape, dtype=FP8_DTYPE, device=device))
-        self.register_buffer("weight_scale_inv", torch.ones(_scale_shape(shape, block), device=device))
+        self.register_buffer("weight_scale_inv", torch.ones(scale_shape(shape, block), device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
         else:
@@ -168,7 +193,7 @@ class FP8Linear(nn.Module):
         """Wrap checkpoint tensors (weight float8_e4m3fn [out, in], scale_inv [ceil(out/b), ceil(in/b)])."""
         if weight.dtype != FP8_DTYPE or weight.dim() != 2:
             raise ValueError(f"expected a 2-D {FP8_DTYPE} weight, got {weight.dtype} {tuple(weight.shape)}")
-        expected = _scale_shape(weight.shape, block)
+        expected = scale_shape(weight.shape, block)
         if tuple(scale_inv.shape) != expected:
             raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)}, expected {expected} for block {block}")
         out_features, in_features = weight.shape
@@ -187,13 +212,21 @@ class FP8Linear(nn.Module):
         return cls.from_quantized(weight, scale_inv, bias, block)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """W [out, in] in `dtype` (e.g. for MLA weight absorption, which needs kv_b_proj's matrix)."""
-        return dequantize_fp8_blockwise(self.weight, self.weight_scale_inv, self.block, dtype)
+        """W [out, in] in `dtype` (e.g. for MLA weight absorption, which needs kv_b_proj's matrix), kept for the
+        next call while weight and scales are the same tensors at the same version (outside torch.compile)."""
+        if torch.compiler.is_compiling():
+            return dequantize_fp8_blockwise(self.weight, self.weight_scale_inv, self.block, dtype)
+        w, s = self.weight, self.weight_scale_inv
+        key = (w.data_ptr(), w._version, s.data_ptr(), s._version, w.device, dtype)
+        if self._dense is None or self._dense[0] != key:
+            self._dense = None  # drop the old copy before making the new one
+            self._dense = (key, dequantize_fp8_blockwise(w, s, self.block, dtype))
+        return self._dense[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        if self.chunk_rows is None or self.chunk_rows >= self.out_features or _cpu_kernel(x):
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.chunk_rows is None or self.chunk_rows >= self.out_features:
-            return F.linear(x, self.dequantized_weight(x.dtype), bias)
         step = math.ceil(self.chunk_rows / self.block) * self.block  # chunks align with scale rows
         outs = []
         for r0 in range(0, self.out_features, step):
@@ -265,6 +298,47 @@ class FP8RoutedExperts(RoutedExperts):
             w13 = torch.cat([dequantize_fp8_blockwise(w13[..., :I, :], s13[..., :rb, :], self.block, dtype),
                              dequantize_fp8_blockwise(w13[..., I:, :], s13[..., rb:, :], self.block, dtype)], dim=-2)
         return w13, dequantize_fp8_blockwise(w2, s2, self.block, dtype)
+
+    # The inference loop and the single-token path (RoutedExperts' "loop" and forward_token) on the CPU kernel:
+    # each active expert's FP8 stacks are read once for all its rows, never dequantized to memory.
+    def _w13_into(self, x: torch.Tensor, e: int, out: torch.Tensor) -> None:
+        """out [M, 2I] (float32) = x [M, H] @ w13[e]^T; gate and up separately when their scale rows are separate."""
+        I, rb = self.inter, self.w13_scale_inv.shape[1] // 2
+        if I % self.block == 0:
+            fp8_cpu.fp8_linear_into(x, self.w13[e], self.w13_scale_inv[e], self.block, out)
+        else:
+            fp8_cpu.fp8_linear_into(x, self.w13[e, :I], self.w13_scale_inv[e, :rb], self.block, out[:, :I])
+            fp8_cpu.fp8_linear_into(x, self.w13[e, I:], self.w13_scale_inv[e, rb:], self.block, out[:, I:])
+
+    def forward_token(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        if not _cpu_kernel(x):
+            return super().forward_token(x, topk_idx, topk_w)
+        experts = topk_idx.tolist()
+        h = x.new_empty(len(experts), 2 * self.inter, dtype=torch.float32)  # [K, 2I]
+        for k, e in enumerate(experts):
+            self._w13_into(x, e, h[k:k + 1])
+        a = self._act(h, topk_w.float())  # [K, I], gate-weighted
+        out = x.new_empty(len(experts), x.shape[-1], dtype=torch.float32)  # [K, H]
+        for k, e in enumerate(experts):
+            fp8_cpu.fp8_linear_into(a[k:k + 1], self.w2[e], self.w2_scale_inv[e], self.block, out[k:k + 1])
+        return out.sum(0, keepdim=True).to(x.dtype)
+
+    def _loop_into_buffers(self, x: torch.Tensor, n: list[int], row_weight: torch.Tensor | None) -> torch.Tensor:
+        if not _cpu_kernel(x):
+            return super()._loop_into_buffers(x, n, row_weight)
+        h = x.new_empty(x.shape[0], 2 * self.inter, dtype=torch.float32)  # [M, 2I]
+        out = x.new_empty(x.shape, dtype=torch.float32)  # [M, H]
+        starts = [0]
+        for c in n:
+            starts.append(starts[-1] + c)
+        busy = [e for e, c in enumerate(n) if c]
+        for e in busy:
+            self._w13_into(x[starts[e]:starts[e + 1]], e, h[starts[e]:starts[e + 1]])
+        a = self._act(h, None if row_weight is None else row_weight.float())
+        for e in busy:
+            fp8_cpu.fp8_linear_into(a[starts[e]:starts[e + 1]], self.w2[e], self.w2_scale_inv[e], self.block,
+                                    out[starts[e]:starts[e + 1]])
+        return out.to(x.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv))
@@ -341,20 +415,24 @@ class FP8Conversion:
                  dtype: torch.dtype | None = None):
         self.stored, self._read, self.fp8_names = set(stored), read, fp8_names
         self.dtype = dtype or torch.bfloat16
-        self._last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._pending: dict[str, torch.Tensor] = {}  # quantized halves not yet asked for (scales, or a weight)
         folded = {k for k in self.stored if k.endswith(SCALE) and k[:-len(SCALE)] not in fp8_names}
         self.names = (self.stored | {w + SCALE for w in fp8_names}) - folded
 
-    def _quantized(self, weight_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._last is None or self._last[0] != weight_name:  # weight and scale are asked for one after the other
-            self._last = (weight_name, quantize_fp8_blockwise(self._read(weight_name)))
-        return self._last[1]
+    def _quantized(self, name: str, weight_name: str, half: int) -> torch.Tensor:
+        """Each weight is read and quantized once: the half not asked for waits in _pending (the loader may read
+        all 2E gate/up weights of an expert stack before their scales; the scales are 1/16384 of the bytes)."""
+        if name in self._pending:
+            return self._pending.pop(name)
+        q = quantize_fp8_blockwise(self._read(weight_name))
+        self._pending[(weight_name, weight_name + SCALE)[1 - half]] = q[1 - half]
+        return q[half]
 
     def read(self, name: str) -> torch.Tensor:
         if name.endswith(SCALE) and name not in self.stored:
-            return self._quantized(name[:-len(SCALE)])[1]
+            return self._quantized(name, name[:-len(SCALE)], 1)
         if name in self.fp8_names and name + SCALE not in self.stored:
-            return self._quantized(name)[0]
+            return self._quantized(name, name, 0)
         t = self._read(name)
         if name not in self.fp8_names and t.dtype == FP8_DTYPE and name + SCALE in self.stored:
             return dequantize_fp8_blockwise(t, self._read(name + SCALE), BLOCK, self.dtype)
