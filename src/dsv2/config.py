@@ -110,7 +110,11 @@ class ModelConfig:
                      "topk_group groups must hold at least num_experts_per_tok experts")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (only yarn)")
+            need(kind in ("yarn", "linear", "default", None),
+                 f"rope_scaling type {kind!r} is not supported (yarn or linear)")
+            if kind in ("yarn", "linear"):
+                f = self.rope_scaling.get("factor")
+                need(isinstance(f, (int, float)) and f >= 1, f"rope_scaling factor must be a number >= 1, got {f!r}")
 
     # ---- presets -------------------------------------------------------------------------------------------
     @classmethod

@@ -384,3 +384,42 @@ class BatchLoader:
             mine = np.array_split(ids, self.world_size)[self.rank]
             if len(mine):
                 yield ds.get_batch(mine)
+
+
+# ---- synthetic key-value retrieval: needles in a haystack of corpus text ----------------------------------------
+# One format for the extension corpus (dsv2 extend --kv-fraction) and the NIAH evaluation (dsv2 eval niah): a
+# needle states a random key's value in a Python comment (the default corpus is Python), the question restates
+# the needle up to the value, and the answer is the value.
+NEEDLE = "\n# The secret number of {key} is {value}.\n"
+QUESTION = "\n# The secret number of {key} is"
+
+
+def random_needle(rng: np.random.Generator) -> tuple[str, str]:
+    """A random key (5 lowercase letters) and value (5 digits)."""
+    key = "".join(chr(97 + int(c)) for c in rng.integers(0, 26, 5))
+    return key, str(int(rng.integers(10000, 100000)))
+
+
+def kv_retrieval_block(tokens: np.ndarray, n_tokens: int, tokenizer, length: int, rng: np.random.Generator,
+                       max_needles: int = 4) -> np.ndarray:
+    """One training sequence of `length` token ids: bos, a window of corpus text (tokens[:n_tokens]) with 1 to
+    max_needles needles at random token offsets, then every needle's question and answer (" value.") in a random
+    order. The answers are the retrieval signal; the rest is ordinary language-model text."""
+    n = int(rng.integers(1, max_needles + 1))
+    pairs = [random_needle(rng) for _ in range(n)]
+    needles = tokenizer.encode_batch([NEEDLE.format(key=k, value=v) for k, v in pairs])
+    qa = tokenizer.encode_batch([QUESTION.format(key=k) + f" {v}.\n" for k, v in pairs])
+    order = rng.permutation(n)
+    tail = [t for i in order for t in qa[i]]
+    filler_len = length - 1 - sum(map(len, needles)) - len(tail)
+    if filler_len < 0 or n_tokens <= filler_len:
+        raise ValueError(f"sequence length {length} is too short for {max_needles} needles, or the corpus too small")
+    start = int(rng.integers(0, n_tokens - filler_len))
+    filler = tokens[start:start + filler_len].astype(np.int64)
+    cuts = np.sort(rng.integers(0, filler_len + 1, n))
+    parts, prev = [np.array([tokenizer.bos_id])], 0
+    for cut, needle in zip(cuts, needles):
+        parts += [filler[prev:cut], np.asarray(needle)]
+        prev = cut
+    parts += [filler[prev:], np.asarray(tail)]
+    return np.concatenate(parts).astype(np.int64)

@@ -60,6 +60,9 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     freq_extra = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
     rs = _yarn_params(cfg)
     if rs is None:
+        if cfg.rope_scaling and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) == "linear":
+            # plain position interpolation (DeepSeek's DeepseekV2LinearScalingRotaryEmbedding: t / factor)
+            return freq_extra / float(cfg.rope_scaling["factor"]), 1.0
         return freq_extra, 1.0
     factor = float(rs["factor"])
     orig = int(rs.get("original_max_position_embeddings", 4096))
