@@ -16,6 +16,7 @@ import uvicorn
 
 from dsv2.infer.cli import load_engine
 from dsv2.infer.engine import Engine, EngineLoop, SamplingParams
+from dsv2.infer.server import Server as DrainingServer
 from dsv2.infer.server import create_app
 
 MODEL = "tiny-test"
@@ -24,19 +25,30 @@ MODEL = "tiny-test"
 class Server:
     """uvicorn in a thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, ckpt, **engine_kw):
-        args = argparse.Namespace(model=str(ckpt), tokenizer=None, device="cpu", dtype="float32", fp8=False,
-                                  kv_cache_memory="4MB", kv_cache_dtype="auto", block_size=16, max_batch_size=64,
-                                  max_model_len=None, compile=False, threads=None, admission="optimistic")
-        for k, v in engine_kw.items():
-            setattr(args, k, v)
-        self.engine, self.tokenizer, self.template = load_engine(args, max_waiting=engine_kw.get("max_waiting", 256))
+    def __init__(self, ckpt, names=MODEL, grace_s=30.0, app_kw=None, like: "Server | None" = None, **engine_kw):
+        """ckpt: load it (as `dsv2 serve` does); or like=another Server: a fresh engine over its model."""
+        if like is not None:
+            self.engine = Engine(like.engine.model, num_blocks=like.engine.pool.num_blocks,
+                                 eos_token_id=like.tokenizer.eos_id, max_waiting=engine_kw.get("max_waiting", 256),
+                                 max_batch_size=engine_kw.get("max_batch_size", 64))
+            self.tokenizer, self.template = like.tokenizer, like.template
+        else:
+            args = argparse.Namespace(model=str(ckpt), tokenizer=None, device="cpu", dtype="float32", fp8=False,
+                                      kv_cache_memory="4MB", kv_cache_dtype="auto", block_size=16,
+                                      max_batch_size=64, max_model_len=None, compile=False, threads=None,
+                                      admission="optimistic")
+            for k, v in engine_kw.items():
+                setattr(args, k, v)
+            self.engine, self.tokenizer, self.template = load_engine(args, max_waiting=engine_kw.get("max_waiting",
+                                                                                                     256))
         self.loop = EngineLoop(self.engine).start()
-        app = create_app(self.loop, self.tokenizer, self.template, MODEL, self.engine.max_model_len)
+        self.app = create_app(self.loop, self.tokenizer, self.template, names, self.engine.max_model_len,
+                              **(app_kw or {}))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = DrainingServer(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"),
+                                     self.app.state.bridge, grace_s)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -240,13 +252,14 @@ def test_client_disconnect_frees_blocks(server):
     assert h["aborted"] == aborted + 2
 
 
-def test_full_queue_answers_503(tiny_checkpoint):
-    s = Server(tiny_checkpoint, max_batch_size=1, max_waiting=1)
+def test_full_queue_answers_503(server):
+    s = Server(None, like=server, max_batch_size=1, max_waiting=1)
     try:
         body = {"model": MODEL, "prompt": "for i in range(10):", "max_tokens": 300, "ignore_eos": True}
 
         def post(_):
             r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code != 503 or r.headers["retry-after"]  # an overload says when to come back
             return r.status_code, r.json()
 
         with ThreadPoolExecutor(4) as pool:
