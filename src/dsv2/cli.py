@@ -18,6 +18,8 @@ _COMMANDS = [
     "dsv2.train.pretrain:add_command",
     "dsv2.train.grpo:add_command",
     "dsv2.train.synthetic:add_command",
+    "dsv2.train.sft:add_command",
+    "dsv2.train.rm:add_command",
     "dsv2.infer.cli:add_commands",
     "dsv2.demo:add_command",
     "dsv2.train.extend:add_command",

@@ -64,6 +64,11 @@ class Stage:
         loss(run, micro_batch)       {"loss": the scalar to backpropagate, other scalars to log (detached)}; runs
                                      under autocast; use run.model (wrapped) for the forward, run.raw for the rest
         evaluate(run)                {"eval_loss": ..., other metrics} or None; under no_grad, model in eval mode
+    Optional, for a stage that trains more than the DeepseekV2 weights (the reward model's head):
+        prepare_model(run, model)    after the model is built or loaded (on run.device), before DDP/FSDP and the
+                                     optimizer: attach trainable submodules; keep them out of model.state_dict()
+                                     (the HF-layout weights) and restore them yourself when run.ckpt is set
+        save_extra(run, dir)         write the stage's own files into a checkpoint being written (rank 0)
         plots(run, records)          draw the stage's own figures from metrics.jsonl's records (at each checkpoint)
     Stages may also write their own records into metrics.jsonl with run.record(rec) (rec has "step").
     """
@@ -89,6 +94,12 @@ class Stage:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def prepare_model(self, run: Run, model: DeepseekV2) -> None:
+        pass
+
+    def save_extra(self, run: Run, directory: Path) -> None:
         pass
 
     def plots(self, run: Run, records: list[dict]) -> None:
@@ -182,6 +193,7 @@ class Run:
         torch.manual_seed(r.seed)
         # float32 master weights, whatever the checkpoint stores; under --ep each rank holds only its experts
         model = parallel.build_model(self.cfg, d, source, r.init_std)
+        self.stage.prepare_model(self, model)
         if r.compile:
             if self.device.type == "cuda":
                 model.compile()
@@ -421,6 +433,7 @@ class Run:
 
             def extra(tmp: Path) -> None:
                 self.tok.save(tmp)
+                self.stage.save_extra(self, tmp)
                 write_trainer_state(tmp, state, optim_state, rng, {"expert_load": self.load_window})
 
             previous = latest_checkpoint(self.out)
