@@ -22,9 +22,10 @@ _COMMANDS = [
     "dsv2.train.rm:add_command",
     "dsv2.infer.cli:add_commands",
     "dsv2.demo:add_command",
+    "dsv2.init:add_command",
     "dsv2.train.extend:add_command",
     "dsv2.eval.cli:add_command",
-    "dsv2.init:add_command",
+    "dsv2.ablate:add_command",
 ]
 
 

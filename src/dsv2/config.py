@@ -29,6 +29,10 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # "mla" (DeepSeek-V2), or a standard baseline for ablations (dsv2.model.attention.GroupedQueryAttention): "mha",
+    # "gqa" (kv_heads key/value heads, each shared by a group of query heads) or "mqa" (one key/value head)
+    attention_type: str = "mla"
+    kv_heads: int | None = None  # gqa only: key/value heads (groups)
     # DeepSeekMoE
     n_shared_experts: int = 2
     n_routed_experts: int = 160
@@ -70,9 +74,22 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def n_kv_heads(self) -> int | None:
+        """Key/value heads of a standard-attention variant (None for MLA, which caches a latent instead)."""
+        return {"mla": None, "mha": self.num_attention_heads, "mqa": 1, "gqa": self.kv_heads}[self.attention_type]
+
+    @property
+    def kv_cache_parts(self) -> tuple[int, int]:
+        """The two parts of one cached row per token per layer: MLA's normalised KV latent and shared RoPE key;
+        a standard variant's keys ([nope ; rope] per KV head) and values."""
+        if self.attention_type == "mla":
+            return self.kv_lora_rank, self.qk_rope_head_dim
+        return self.n_kv_heads * self.qk_head_dim, self.n_kv_heads * self.v_head_dim
+
+    @property
     def kv_cache_dim(self) -> int:
-        """Numbers cached per token per layer: the normalised KV latent plus the shared RoPE key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """Numbers cached per token per layer (the width of one cache row)."""
+        return sum(self.kv_cache_parts)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
@@ -95,6 +112,14 @@ class ModelConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive int")
         need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
         need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or null")
+        need(self.attention_type in ("mla", "mha", "gqa", "mqa"),
+             f"attention_type {self.attention_type!r} is not 'mla', 'mha', 'gqa' or 'mqa'")
+        if self.attention_type == "gqa":
+            need(isinstance(self.kv_heads, int) and self.kv_heads > 0
+                 and self.num_attention_heads % self.kv_heads == 0,
+                 f"gqa needs kv_heads dividing num_attention_heads ({self.num_attention_heads}), got {self.kv_heads}")
+        else:
+            need(self.kv_heads is None, f"kv_heads is for attention_type 'gqa' only (got {self.attention_type!r})")
         need(self.topk_method in ("greedy", "group_limited_greedy"),
              f"topk_method {self.topk_method!r} is not 'greedy' or 'group_limited_greedy'")
         if self.n_routed_experts > 0:
@@ -128,10 +153,12 @@ class ModelConfig:
     # ---- HF config.json ------------------------------------------------------------------------------------
     def to_hf(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.attention_type == "mla":  # MLA's config.json is exactly transformers' (no key of the variants)
+            del d["attention_type"], d["kv_heads"]
         d.update(
             model_type="deepseek_v2",
             architectures=["DeepseekV2ForCausalLM"],
-            num_key_value_heads=self.num_attention_heads,
+            num_key_value_heads=self.n_kv_heads or self.num_attention_heads,
             torch_dtype="bfloat16",
         )
         if d["rope_scaling"] is not None:

@@ -22,7 +22,8 @@ BYTES = {"bf16": 2, "fp8": 1}
 
 def kv_cache_table(cfg: ModelConfig, gqa_groups: int = 8) -> list[dict]:
     """Cached elements per token (all layers) for MLA as configured vs MHA / GQA / MQA with the same heads and
-    per-head dim (d_h = qk_nope_head_dim, as the paper's comparison does)."""
+    per-head dim (d_h = qk_nope_head_dim, as the paper's comparison does); for a model whose attention_type is not
+    MLA, a last row with what it caches (keys [nope ; rope] and values of its KV heads)."""
     L, h, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.qk_nope_head_dim
     rows = [
         ("MHA", 2 * h * d),
@@ -31,6 +32,8 @@ def kv_cache_table(cfg: ModelConfig, gqa_groups: int = 8) -> list[dict]:
         ("MLA (dsv2)", cfg.kv_lora_rank + cfg.qk_rope_head_dim),
     ]
     mla = rows[-1][1]
+    if cfg.attention_type != "mla":  # a standard-attention variant (ablations): what this model caches
+        rows.append((f"{cfg.attention_type.upper()} (this model)", cfg.kv_cache_dim))
     return [{"mechanism": name, "elements_per_token_per_layer": per_layer, "elements_per_token": per_layer * L,
              **{f"bytes_per_token_{k}": per_layer * L * b for k, b in BYTES.items()},
              "relative_to_mla": per_layer / mla} for name, per_layer in rows]

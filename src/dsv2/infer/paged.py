@@ -58,7 +58,7 @@ class PagedLatentPool:
         store = kv_storage_dtype(kv_dtype, dtype)
         L, n = cfg.num_hidden_layers, (num_blocks + 1) * block_size  # + the spare block
         self.spare_slot = num_blocks * block_size
-        self.r = cfg.kv_lora_rank
+        self.r = cfg.kv_cache_parts[0]  # MLA: the latent (then the RoPE key); MHA/GQA/MQA: the keys (then values)
         self.cache = torch.zeros(L, n, cfg.kv_cache_dim, dtype=store, device=device)  # [L, slots, r + dr]
         if self.quantized:  # float32 scales of the latent and of the RoPE key
             self.scales = torch.ones(L, n, 2, dtype=torch.float32, device=device)

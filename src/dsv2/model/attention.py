@@ -18,6 +18,13 @@ right-padded and need no position shifting.
 
 Any object meeting `LatentKVCache` can be the cache: the dense `LatentCache` here (`dsv2.generate`) and the
 serving engine's paged pool (`dsv2.infer.paged.PagedBatch`).
+
+Standard attention for ablations (`cfg.attention_type` "mha" | "gqa" | "mqa", `GroupedQueryAttention`): the same
+query path as MLA, keys and values projected per KV head with the same head dims ([nope ; rope] keys, RoPE on the
+rope part of every head, partial-rotary style), each KV head shared by heads / n_kv query heads. It runs through
+the same cache protocol: its cache row per token per layer is [keys of all KV heads ; values of all KV heads],
+`cfg.kv_cache_dim` wide, so LatentCache, the paged pool and the engine serve it unchanged (only wider rows).
+`attention(cfg, layer)` builds the configured one.
 """
 
 from __future__ import annotations
@@ -143,13 +150,14 @@ def linear_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return deq(dtype) if callable(deq) else mod.weight.to(dtype)
 
 
-class MLA(nn.Module):
+class _Query(nn.Module):
+    """The query side every attention variant shares: W_Q, or MLA's low-rank W_DQ -> RMSNorm -> W_UQ."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = cfg.num_attention_heads
         self.q_lora_rank = cfg.q_lora_rank
-        self.kv_lora_rank = cfg.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.qk_dim = cfg.qk_head_dim
         h, bias = cfg.hidden_size, cfg.attention_bias
@@ -159,25 +167,54 @@ class MLA(nn.Module):
             self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
         self.softmax_scale = softmax_scale(cfg)
-        self._absorbed_views: tuple | None = None  # (source weight, W_UK, W_UV^T): views, rebuilt if the weight changes
 
-    def project(self, x: torch.Tensor, ctx: StepContext):
-        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated), kv_rows [B, T, r + dr]
-        (normalised c_KV ; rotated k_rope, the one RoPE key shared by all heads)."""
+    def query(self, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated)."""
         B, T, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, ctx.cos, ctx.sin, ctx.cis)
+
+
+def _sdpa(q, k, v, bias, causal: bool, scale: float, groups: int = 1) -> torch.Tensor:
+    """SDPA over q [B, T, H, dqk], k [B, S, H / groups, dqk], v [B, S, H / groups, dv]: causal over equal-length q
+    and k, or under bias [B, T, S] (None: every key visible). -> [B, T, H, dv]."""
+    dv, dqk = v.shape[-1], q.shape[-1]
+    if causal and dv < dqk:
+        # flash kernels (CPU and CUDA) want one head dim for q, k and v: zero-pad v, slice the output.
+        # ~1.8x faster than the math fallback for training on CPU.
+        v = F.pad(v, (0, dqk - dv))
+    if groups > 1:  # each key/value head serves `groups` consecutive query heads
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=None if bias is None else bias[:, None], is_causal=causal, scale=scale,
+    )  # [B, H, T, dv or dqk]
+    return out[..., :dv].transpose(1, 2)
+
+
+class MLA(_Query):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.kv_lora_rank = cfg.kv_lora_rank
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
+        self._absorbed_views: tuple | None = None  # (source weight, W_UK, W_UV^T): views, rebuilt if the weight changes
+
+    def project(self, x: torch.Tensor, ctx: StepContext):
+        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated), kv_rows [B, T, r + dr]
+        (normalised c_KV ; rotated k_rope, the one RoPE key shared by all heads)."""
+        q_nope, q_rope = self.query(x, ctx)
         kv_latent, rope_key = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_rows = torch.cat([self.kv_a_layernorm(kv_latent), apply_rope(rope_key, ctx.cos, ctx.sin, ctx.cis)], dim=-1)
-        return q_nope, apply_rope(q_rope, ctx.cos, ctx.sin, ctx.cis), kv_rows
+        return q_nope, q_rope, kv_rows
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: LatentKVCache | None = None,
                 impl: str = "auto") -> torch.Tensor:
@@ -202,16 +239,7 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(kv_latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, rope_key[:, :, None, :].expand(B, S, self.n_heads, self.rope_dim)], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        if causal and self.v_dim < self.qk_dim:
-            # flash kernels (CPU and CUDA) want one head dim for q, k and v: zero-pad v, slice the output.
-            # ~1.8x faster than the math fallback for training on CPU.
-            v = F.pad(v, (0, self.qk_dim - self.v_dim))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if bias is None else bias[:, None], is_causal=causal, scale=self.softmax_scale,
-        )  # [B, H, T, dv or qk_dim]
-        return out[..., : self.v_dim].transpose(1, 2)  # [B, T, H, dv]
+        return _sdpa(torch.cat([q_nope, q_rope], dim=-1), k, v, bias, causal, self.softmax_scale)  # [B, T, H, dv]
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, r] and W_UV^T [H, r, dv] from kv_b_proj: views of a full-precision weight in `dtype` (kept
@@ -245,3 +273,44 @@ class MLA(nn.Module):
         out_latent = torch.bmm(probs, rows[..., : self.kv_lora_rank])  # [B, T*H, r]
         out = torch.bmm(out_latent.view(B * T, H, -1).transpose(0, 1), w_uv_t)  # [H, B*T, dv]
         return out.transpose(0, 1).reshape(B, T, H, -1)  # [B, T, H, dv]
+
+
+class GroupedQueryAttention(_Query):
+    """Standard attention with n_kv key/value heads (MHA: n_kv = heads, GQA: kv_heads groups, MQA: 1), for the
+    ablations against MLA. Queries as MLA's; per KV head a key [k_nope ; RoPE(k_rope)] (qk_head_dim, RoPE on the
+    rope part of each head) and a value (v_head_dim). Cache row per token: [keys (n_kv * dqk) ; values (n_kv * dv)].
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.n_kv = cfg.n_kv_heads
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.k_proj = nn.Linear(h, self.n_kv * self.qk_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.v_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: LatentKVCache | None = None,
+                impl: str = "auto") -> torch.Tensor:
+        """impl is MLA's naive/absorb switch; standard attention has one path and ignores it."""
+        B, T, _ = x.shape
+        q = torch.cat(self.query(x, ctx), dim=-1)  # [B, T, H, dqk]
+        k_nope, k_rope = self.k_proj(x).view(B, T, self.n_kv, self.qk_dim).split([self.nope_dim, self.rope_dim], -1)
+        k = torch.cat([k_nope, apply_rope(k_rope, ctx.cos, ctx.sin, ctx.cis)], dim=-1)  # [B, T, n_kv, dqk]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.v_dim)
+        groups = self.n_heads // self.n_kv
+        if cache is None or ctx.fresh:  # every key is new: attend over this step's tokens, causally
+            if cache is not None:
+                cache.update(self.layer_idx, torch.cat([k.flatten(2), v.flatten(2)], dim=-1), ctx, x.dtype)
+            out = _sdpa(q, k, v, None, True, self.softmax_scale, groups)
+        else:
+            rows = cache.update(self.layer_idx, torch.cat([k.flatten(2), v.flatten(2)], dim=-1), ctx, x.dtype)
+            S = rows.shape[1]
+            k_all, v_all = rows.split([self.n_kv * self.qk_dim, self.n_kv * self.v_dim], dim=-1)
+            out = _sdpa(q, k_all.view(B, S, self.n_kv, self.qk_dim), v_all.view(B, S, self.n_kv, self.v_dim),
+                        ctx.attn_bias(q.dtype), False, self.softmax_scale, groups)
+        return self.o_proj(out.flatten(2))
+
+
+def attention(cfg: ModelConfig, layer_idx: int) -> MLA | GroupedQueryAttention:
+    """The attention module cfg.attention_type names: MLA, or standard MHA / GQA / MQA."""
+    return MLA(cfg, layer_idx) if cfg.attention_type == "mla" else GroupedQueryAttention(cfg, layer_idx)

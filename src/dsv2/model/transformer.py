@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.attention import MLA, LatentCache, LatentKVCache, RMSNorm, StepContext
+from dsv2.model.attention import LatentCache, LatentKVCache, RMSNorm, StepContext, attention
 from dsv2.model.moe import MLP, MoE, MoEGate, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 
@@ -23,7 +23,7 @@ from dsv2.model.rope import RotaryEmbedding
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MLA(cfg, layer_idx)
+        self.self_attn = attention(cfg, layer_idx)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

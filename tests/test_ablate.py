@@ -1,0 +1,123 @@
+"""`dsv2 ablate`: the variants' parameter counts against hand formulas, the load statistics, and the study runner on
+a tiny corpus for a few steps writing its table and plots."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dsv2.ablate import Scale, base_model, load_stats, study_variants
+from dsv2.cli import main
+from dsv2.config import ModelConfig
+from dsv2.info import parameter_counts
+
+
+def _cfg(study, name, s=Scale(), vocab=1000):
+    return ModelConfig.from_preset("tiny", **{**base_model(s, vocab), **study_variants(study, s)[name]})
+
+
+@pytest.mark.parametrize("hidden", [64, 128])
+def test_moe_variants_activated_and_total_parameters(hidden):
+    """Hand formula: everything outside the FFNs (embedding excluded) + per layer the FFN a token runs: dense
+    3 h I, or the shared experts + k routed experts (3 h m each) + the router (E x h). DeepSeekMoE, GShard-top2 and
+    the dense FFN activate the same 24 h m (m = h / 4) FFN weights; the two MoEs hold the same 32 experts' worth."""
+    s = Scale(hidden_size=hidden)
+    h, m, L, V = hidden, hidden // 4, s.layers, 1000
+    dh = h // s.heads
+    dr = dh // 2
+    attn = h * s.heads * (dh + dr) + h * (4 * dh + dr) + 4 * dh + 4 * dh * s.heads * 2 * dh + s.heads * dh * h
+    outside = V * h + L * (attn + 2 * h) + h  # lm_head, attention and norms, final norm
+    ffn_active = 3 * h * 8 * m
+    want = {"DeepSeekMoE": (outside + L * ffn_active + (L - 1) * 30 * h,
+                            outside + ffn_active + (L - 1) * (3 * h * m * 32 + 30 * h)),
+            "GShard-top2": (outside + L * ffn_active + (L - 1) * 8 * h,
+                            outside + ffn_active + (L - 1) * (3 * h * 4 * m * 8 + 8 * h)),
+            "Dense": (outside + L * ffn_active, outside + L * ffn_active)}
+    for name, (activated, total) in want.items():
+        p = parameter_counts(_cfg("moe", name, s, V))
+        assert p["activated_excluding_embedding"] == activated, name
+        assert p["total"] - p["embedding"] == total, name
+
+
+def test_attention_variants_share_everything_but_attention():
+    s = Scale()
+    counts = {n: parameter_counts(_cfg("attention", n, s)) for n in study_variants("attention", s)}
+    ffn = {n: [r["ffn"] for r in c["layers"]] for n, c in counts.items()}
+    assert all(f == ffn["MLA"] for f in ffn.values())
+    h, H, dh, dr = s.hidden_size, s.heads, s.hidden_size // s.heads, s.hidden_size // s.heads // 2
+    for name, G in (("MHA", H), ("GQA-2", 2), ("MQA", 1)):
+        assert counts[name]["layers"][0]["attention"] == h * H * (dh + dr) + h * G * (2 * dh + dr) + H * dh * h
+
+
+def test_load_stats_against_hand_values():
+    even = torch.full((2, 8), 5.0)
+    assert load_stats(even) == pytest.approx((1.0, 1.0))
+    one_hot = torch.tensor([[8.0, 0, 0, 0]])  # everything on one expert: max/mean 4, entropy 0
+    assert load_stats(one_hot) == pytest.approx((4.0, 0.0), abs=1e-9)
+    half = torch.tensor([[1.0, 1, 0, 0]])  # two of four: max/mean 2, entropy log 2 / log 4
+    assert load_stats(half) == pytest.approx((2.0, 0.5))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly zebras".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g).tolist())
+             for _ in range(900)]
+    (d / "text.txt").write_text("\n".join(lines))
+    return d / "text.txt"
+
+
+TINY = ["--hidden-size", "16", "--layers", "2", "--heads", "2", "--steps", "4", "--batch-size", "4", "--seq-len",
+        "16", "--evals", "2", "--eval-blocks", "8", "--warmup-steps", "1", "--no-progress", "--vocab-size", "300"]
+
+
+def test_routing_study_writes_table_and_plots(tmp_path, corpus, capsys):
+    out = tmp_path / "routing"
+    assert main(["ablate", "routing", "--out", str(out), "--data", str(corpus), "--seeds", "0,1", *TINY]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["device-limited", "unrestricted"]
+    for r in rows.values():
+        assert r["seeds"] == [0, 1] and len(r["eval_loss_per_seed"]) == 2
+        assert math.isfinite(r["eval_loss"]) and r["eval_ppl"] == pytest.approx(
+            sum(math.exp(v) for v in r["eval_loss_per_seed"]) / 2)
+        assert r["kv_bytes_per_token_bf16"] == 2 * 2 * (4 * 8 + 4)  # layers x bf16 x (latent 4 d_h + rope)
+        assert 1.0 <= r["load_max_over_mean"] <= 32 and 0 < r["load_entropy"] <= 1
+    # device-limited routing never sends a token to more than M = 3 groups; unrestricted top-6 of 8 groups does
+    assert rows["device-limited"]["share_over_M_groups"] == 0.0
+    assert rows["unrestricted"]["share_over_M_groups"] > 0.0
+    runs = report["runs"]["unrestricted"]
+    assert [r["seed"] for r in runs] == [0, 1] and runs[0]["eval_loss"] != runs[1]["eval_loss"]
+    assert len(runs[0]["eval_curve"]) == 3  # step 0, then every 2 steps
+    table = (out / "table.md").read_text()
+    assert "| device-limited |" in table and "tokens > M groups" in table
+    for png in ("loss.png", "expert_load.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # a rerun reads the finished runs instead of training them again
+    before = (out / "runs" / "unrestricted-seed0" / "metrics.jsonl").read_text()
+    assert main(["ablate", "routing", "--out", str(out), "--data", str(corpus), "--seeds", "0", *TINY]) == 0
+    assert (out / "runs" / "unrestricted-seed0" / "metrics.jsonl").read_text() == before
+    assert "held-out loss" in capsys.readouterr().out
+
+
+def test_attention_study_runs_a_variant_and_plots_loss_against_cache(tmp_path, corpus):
+    out = tmp_path / "attention"
+    assert main(["ablate", "attention", "--out", str(out), "--data", str(corpus), "--seeds", "3",
+                 "--variants", "MQA,MLA", *TINY]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+    assert rows["MQA"]["kv_bytes_per_token_bf16"] == 2 * 2 * (8 + 4 + 8)  # 1 KV head: key (8 + 4) + value 8
+    assert (out / "loss_vs_kv.png").is_file()
+    cfg = ModelConfig.from_hf(next((out / "runs" / "MQA-seed3" / "checkpoints").iterdir()))
+    assert cfg.attention_type == "mqa"
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, corpus, capsys):
+    assert main(["ablate", "moe", "--out", str(tmp_path / "x"), "--variants", "Switch"]) == 2
+    assert main(["ablate", "moe", "--out", str(tmp_path / "x"), "--seeds", "a"]) == 2
+    assert main(["ablate", "moe", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nope")]) == 2
+    assert main(["ablate", "moe", "--out", str(tmp_path / "x"), "--hidden-size", "30"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 4 and "Traceback" not in err and "Switch" in err
