@@ -278,3 +278,45 @@ def test_dead_engine_answers_503_and_exits_nonzero(server):
         assert s.server.exit_code == 1
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_dsv2_serve_process_drains_on_sigterm_and_exits_0(tiny_checkpoint):
+    """The real process: `dsv2 serve`, a stream in flight, SIGTERM: the stream finishes, the process exits 0."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).parent / "dsv2"
+    proc = subprocess.Popen([str(exe), "serve", "--model", str(tiny_checkpoint), "--port", str(port),
+                             "--kv-cache-memory", "4MB", "--grace-period", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.5)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "dsv2"  # no _name_or_path: "dsv2"
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json={
+                "model": "dsv2", "prompt": "x", "max_tokens": 60, "ignore_eos": True, "stream": True},
+                timeout=120) as r:
+            for line in r.iter_lines():
+                if not lines:
+                    os.kill(proc.pid, signal.SIGTERM)
+                lines.append(line)
+        data = [x for x in lines if x.startswith("data: ")]
+        assert data[-1] == "data: [DONE]" and not any('"error"' in x for x in data)
+        assert json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "length"  # ran to its end
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
