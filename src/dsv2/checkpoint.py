@@ -425,7 +425,7 @@ def _check_memory(path, cfg, expected, sources, handles, files, dtype, device, f
         transient = max(transient, math.prod(shape) * 4)  # a part read (and quantized in float32) before it is held
     if need + transient <= free:
         return
-    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     options = []
     fp8_need, bf16_need = weights_nbytes(cfg, fp8=True), weights_nbytes(cfg)
     if fp8_need < need:
