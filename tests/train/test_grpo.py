@@ -81,6 +81,17 @@ def test_grpo_loss_matches_hand_computation(aggregation, clip_eps_high):
     assert stats["clip_low"] > 0 and (stats["clip_high"] > 0) == (clip_eps_high != 0.7)
 
 
+def test_width_is_the_generation_budget():
+    """A padded column no completion reaches: grpo and token losses are unchanged, dr_grpo divides by N * T with the
+    wider T (the budget), not by the longest completion."""
+    pad = [torch.cat([t, torch.zeros(2, 1, dtype=t.dtype)], 1) for t in tensors()[:3]]
+    mask = torch.cat([tensors()[4], torch.zeros(2, 1, dtype=torch.bool)], 1)
+    for agg in ("grpo", "token"):
+        assert grpo_loss(*pad, tensors()[3], mask, aggregation=agg)[0].item() == pytest.approx(hand_loss(agg)[0])
+    got = grpo_loss(*pad, tensors()[3], mask, aggregation="dr_grpo")[0].item()
+    assert got == pytest.approx(hand_loss("dr_grpo")[0] * 3 / 4, rel=1e-12)
+
+
 def test_grpo_loss_beta_zero_needs_no_reference():
     logp, old, _, adv, mask = tensors()
     loss, stats = grpo_loss(logp, old, None, adv, mask, beta=0.0)
@@ -239,6 +250,7 @@ def test_resume_is_exact(recipe, tmp_path):
     assert any(rec.get("ratio", 1.0) != 1.0 for rec in metrics(tmp_path / "full"))
 
 
+@pytest.mark.slow
 def test_beta_zero_loads_no_reference(recipe, tmp_path, monkeypatch):
     loads = []
     real = grpo_mod.load_checkpoint
@@ -263,3 +275,25 @@ def test_cli_errors(recipe, tmp_path, capsys):
     assert "multiple of num_generations" in capsys.readouterr().err
     assert main(base + ["--prompts", recipe.prompts, "--stage", "preference"]) == 2
     assert "--reward" in capsys.readouterr().err
+
+
+@rewards.register("even_digits")  # zero-variance groups on purpose: digits share for even answers, 0 for odd ones
+def _even_digits(arg):
+    return lambda rows, completions: [sum(ch.isdigit() for ch in c) / max(len(c), 1) if int(r["answer"]) % 2 == 0
+                                      else 0.0 for r, c in zip(rows, completions)]
+
+
+@pytest.mark.slow
+def test_drop_zero_variance_and_mask_truncated(recipe, tmp_path):
+    r = dataclasses.replace(recipe, rewards=["even_digits"], max_steps=1, eval_prompts=None)
+    grpo(r, tmp_path / "a", progress=False)
+    base = [x for x in metrics(tmp_path / "a") if "kept_share" in x][0]
+    assert 0 < base["zero_var_share"] < 1 and base["kept_share"] == 1
+    grpo(dataclasses.replace(r, drop_zero_variance=True), tmp_path / "b", progress=False)
+    dropped = [x for x in metrics(tmp_path / "b") if "kept_share" in x][0]
+    assert dropped["kept_share"] == pytest.approx(1 - dropped["zero_var_share"])
+    assert dropped["grpo_loss"] != base["grpo_loss"]
+    # an 8-token budget: the untrained model never stops, so every completion is truncated and masked out
+    grpo(dataclasses.replace(r, mask_truncated=True), tmp_path / "c", progress=False)
+    masked = [x for x in metrics(tmp_path / "c") if "kept_share" in x][0]
+    assert masked["truncated_share"] == 1 and masked["grpo_loss"] == 0 and base["grpo_loss"] != 0

@@ -321,7 +321,10 @@ def _rm(arg: str | None) -> RewardFn:
     def fn(rows: list[dict], completions: list[str]) -> list[float]:
         prompts = [row.get("prompt", "") if "prompt" in row else row["messages"][-1]["content"] for row in rows]
         with torch.no_grad():
-            return [float(v) for v in model.score(prompts, completions)]
+            # a completion decoded after the generation prompt "Assistant:" starts with the space the template puts
+            # before an assistant's content: the RM renders the content itself
+            texts = [c[1:] if c.startswith(" ") else c for c in completions]
+            return [float(v) for v in model.score(prompts, texts)]
     return fn
 
 
