@@ -7,9 +7,9 @@
     logits = model(ids)                         # every rank of the group runs the forward (collectives inside)
 
 The MoE's seam (model/moe.py) routes, then calls `dispatcher.dispatch` -> experts -> `dispatcher.combine`.
-`EPDispatcher` sends each token-expert pair's hidden state with one `all_to_all_single` (variable split sizes) to
-the rank holding the expert, runs the local experts there, and sends the outputs back with a second one; both are
-differentiable (the backward of an all-to-all is the all-to-all with the split sizes swapped).
+`EPDispatcher` sends each token's hidden state with `all_to_all_single` (variable split sizes) once to every rank
+holding any of its experts, runs the local experts there, and sends one summed output per (token, rank) back; both
+directions are differentiable (the backward of an all-to-all is the all-to-all with the split sizes swapped).
 
 Device-limited routing: the devices are the EP ranks, and the gate's groups map onto them (n_group a multiple of
 the EP size, each rank holding whole groups), so group-limited routing (topk_group groups per token) sends every
@@ -77,10 +77,14 @@ def device_limit(cfg: ModelConfig, n_devices: int) -> int:
 class EPDispatcher:
     """The MoE seam over an EP group of D ranks; rank r holds experts [r*L, (r+1)*L), L = n_experts / D.
 
-    dispatch returns this rank's received rows grouped by its local experts (counts [L]); combine returns every
-    token's gate-weighted sum. `n_devices`, `token_drop` and `routed_load` are the MoE's optional dispatcher
-    hooks: the devices of the balance losses, device-level dropping (collective), and this rank's tokens per
-    expert [E] (the run's expert-load statistics).
+    A token goes once to each device holding any of its experts (a "unit"), with the list of its experts there
+    and their gate weights; the device runs its experts on the rows of each unit, sums them per unit and sends one
+    row back per unit. So the traffic per token is the number of devices it reaches (at most M under
+    device-limited routing), not K. dispatch returns this rank's rows grouped by local expert (counts [L], gate
+    weights per row); combine returns every token's sum. `n_devices`, `token_drop` and `routed_load` are the
+    MoE's optional dispatcher hooks: the devices of the balance losses, device-level dropping (collective), and
+    this rank's pairs per expert [E] (the run's expert-load statistics); `sent` counts the last dispatch's units
+    per destination rank.
     """
 
     def __init__(self, group, n_experts: int):
@@ -89,35 +93,49 @@ class EPDispatcher:
         self.n_devices = self.size
         self.per_rank = n_experts // self.size
         self.routed_load: torch.Tensor | None = None
+        self.sent: torch.Tensor | None = None
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, n_experts: int,
                  keep: torch.Tensor | None = None):
-        """x [N, H], topk_idx/topk_w [N, K], keep [N, K] -> (rows [R, H] for the local experts, grouped by
-        expert, counts [L], None (the gate weights are applied in combine), state)."""
-        K, D, L = topk_idx.shape[1], self.size, self.per_rank
-        flat_e = topk_idx.flatten()
-        if keep is not None:
-            flat_e = torch.where(keep.flatten(), flat_e, n_experts)  # dropped -> past the last expert, never sent
-        counts = torch.bincount(flat_e, minlength=n_experts + 1)[:n_experts]  # [E] pairs sent to each expert
-        order = torch.argsort(flat_e, stable=True)[: int(counts.sum())]  # pairs by expert, so by destination
-        token = order // K
-        recv = _exchange(counts.view(D, L), self.group)  # [D source ranks, L local experts]
-        send_splits, recv_splits = counts.view(D, L).sum(1).tolist(), recv.sum(1).tolist()
-        rows = all_to_all(x.index_select(0, token), recv_splits, send_splits, self.group)  # by source, then expert
-        expert_of_row = torch.arange(L, device=x.device).repeat(D).repeat_interleave(recv.flatten())
-        by_expert = torch.argsort(expert_of_row, stable=True)  # [R]: source-major -> expert-major
-        self.routed_load = counts
-        state = (token, topk_w.flatten()[order], by_expert, send_splits, recv_splits, x.shape)
-        return rows.index_select(0, by_expert), recv.sum(0), None, state
+        """x [N, H], topk_idx/topk_w [N, K], keep [N, K] -> (rows [R, H] for this rank's experts, grouped by
+        expert, counts [L], row gate weights [R], state). Each token goes once to each device holding any of its
+        (kept) experts, whatever the number of its experts there: device-limited routing bounds the traffic."""
+        N, K = topk_idx.shape
+        D, L = self.size, self.per_rank
+        pair = torch.arange(N * K, device=x.device) if keep is None else keep.flatten().nonzero().flatten()
+        expert = topk_idx.flatten()[pair]
+        token, dev = pair // K, expert // L
+        order = torch.argsort((dev * N + token) * L + expert % L)  # by device, then token, then expert
+        pair, expert, token, dev = pair[order], expert[order], token[order], dev[order]
+        first = torch.ones_like(dev, dtype=torch.bool)  # a pair opening a new (device, token) unit
+        first[1:] = (dev[1:] != dev[:-1]) | (token[1:] != token[:-1])
+        unit = first.cumsum(0) - 1  # [P] the unit (hidden state sent) of each pair
+        unit_token, units_to = token[first], torch.bincount(dev[first], minlength=D)
+        pairs_to = torch.bincount(dev, minlength=D)
+        local_unit = unit - (units_to.cumsum(0) - units_to)[dev]  # index within its device's block
+        got = _exchange(torch.stack([units_to, pairs_to], 1), self.group)  # [D sources, (units, pairs)]
+        su, sp, ru, rp = units_to.tolist(), pairs_to.tolist(), got[:, 0].tolist(), got[:, 1].tolist()
+        units = all_to_all(x.index_select(0, unit_token), ru, su, self.group)  # [U, H] by source
+        meta = torch.empty(sum(rp), 2, dtype=torch.long, device=x.device)  # (unit in its source block, expert)
+        dist.all_to_all_single(meta, torch.stack([local_unit, expert % L], 1), rp, sp, group=self.group)
+        weight = all_to_all(topk_w.flatten()[pair], rp, sp, self.group)  # [P'] gate weights (autograd)
+        source = torch.repeat_interleave(torch.arange(D, device=x.device), got[:, 1], output_size=len(meta))
+        row_unit = (got[:, 0].cumsum(0) - got[:, 0])[source] + meta[:, 0]  # [P'] unit index in `units`
+        by_expert = torch.argsort(meta[:, 1], stable=True)
+        row_unit = row_unit[by_expert]
+        self.routed_load = torch.bincount(expert, minlength=n_experts)  # this rank's kept pairs per expert [E]
+        self.sent = units_to  # [D] tokens (hidden states) sent to each rank in this dispatch, itself included
+        state = (unit_token, row_unit, su, ru, x.shape, units.shape[0])
+        return (units.index_select(0, row_unit), torch.bincount(meta[:, 1], minlength=L),
+                weight.index_select(0, by_expert), state)
 
     def combine(self, out: torch.Tensor, state) -> torch.Tensor:
-        """Local experts' outputs [R, H] -> y [N, H]: back to the senders, gate-weighted, each token's summed."""
-        token, weight, by_expert, send_splits, recv_splits, shape = state
-        inverse = torch.empty_like(by_expert)
-        inverse[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
-        y = all_to_all(out.index_select(0, inverse), send_splits, recv_splits, self.group)  # [M, H] in sent order
-        y = y * weight[:, None].to(y.dtype)
-        return y.new_zeros(shape).index_add_(0, token, y)
+        """Local experts' gate-weighted outputs [R, H] -> y [N, H]: summed per unit here, each unit sent back
+        once, then summed per token."""
+        unit_token, row_unit, su, ru, shape, n_units = state
+        per_unit = out.new_zeros(n_units, out.shape[1]).index_add_(0, row_unit, out)
+        back = all_to_all(per_unit, su, ru, self.group)  # [U sent, H]
+        return back.new_zeros(shape).index_add_(0, unit_token, back)
 
     def token_drop(self, affinity: torch.Tensor, topk_idx: torch.Tensor, batch_size: int, cfg: ModelConfig,
                    exempt_seq: torch.Tensor | None = None) -> torch.Tensor:

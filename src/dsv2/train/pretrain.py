@@ -5,6 +5,7 @@
     dsv2 pretrain --out runs/x --resume                            # continue from the latest checkpoint
     dsv2 pretrain --init-from runs/x/checkpoints/step-00002000 --data more/ --out runs/y   # new run, those weights
     torchrun --nproc-per-node 2 -m dsv2.cli pretrain ... [--fsdp]  # data parallel (gloo on CPU, nccl on CUDA)
+    torchrun --nproc-per-node 4 -m dsv2.cli pretrain ... --ep 2    # experts split over 2 ranks (expert parallel)
 
 The run directory holds everything (the run core's layout, see train/run.py), plus:
     tokenizer/                 the tokenizer trained on the corpus (unless --tokenizer or --init-from gives one)
