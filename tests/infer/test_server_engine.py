@@ -96,3 +96,26 @@ def test_prompt_logprobs_equal_transformers(model, tmp_path, chunk):
     assert out[0].token_ids == [] and out[0].finish_reason == "length"  # max_tokens 0: the prompt only
     assert len(out[1].token_ids) == 2 and out[1].token_ids == _alone(model, prompts[1], SamplingParams(max_tokens=2))
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_a_failure_after_some_rows_sampled_keeps_their_seeded_streams(model, monkeypatch):
+    """The batched sampler draws for every row, then fails because of one row: the retried rows draw again from
+    their seeded generators as they were, so each still equals its run alone."""
+    import dsv2.infer.engine as engine_mod
+
+    real = engine_mod.sample_next
+
+    def flaky(logits, temperature, top_k, top_p, generators):
+        out = real(logits, temperature, top_k, top_p, generators)
+        if bool((temperature == 0.77).any()):
+            raise RuntimeError("injected failure after drawing")
+        return out
+
+    monkeypatch.setattr(engine_mod, "sample_next", flaky)
+    params = [SamplingParams(max_tokens=8, temperature=0.9, seed=s) for s in (1, 2, 3)]
+    params.append(SamplingParams(max_tokens=8, temperature=0.77, seed=4))
+    out = Engine(model, num_blocks=64, eos_token_id=None).generate(PROMPTS, params)
+    assert out[3].finish_reason == "error"
+    monkeypatch.undo()
+    for p, sp, r in zip(PROMPTS, params, out[:3]):
+        assert r.finish_reason == "length" and r.token_ids == _alone(model, p, sp)

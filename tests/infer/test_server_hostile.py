@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -81,6 +82,12 @@ def test_huge_body_is_413_quickly_and_health_stays_fast(server):
         time.sleep(0.1)
     assert "limit" in err["message"] and err2["code"] == "request_too_large"
     assert took < 2.0, took
+    # refused from the Content-Length alone: the answer comes before any of the body was sent
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000000\r\n\r\n")
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head
     assert len(ping.times) >= 3 and max(ping.times) < 0.25, ping.times  # 100 ms nominal; 2 shared cores here
 
 
@@ -235,7 +242,8 @@ def test_sigterm_drains(server):
         h = httpx.get(s.url + "/health")
         assert h.status_code == 503 and h.json()["status"] == "draining"
         refused = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "a"}, timeout=30)
-        assert _shape(refused, 503)["type"] == "server_error" and refused.headers["retry-after"]
+        err = _shape(refused, 503)  # refused at admission (not admitted and then ended by the drain)
+        assert err["type"] == "server_error" and err["code"] == "draining" and refused.headers["retry-after"]
         for t in threads:
             t.join(timeout=30)
         s.thread.join(timeout=30)
@@ -284,7 +292,6 @@ def test_dead_engine_answers_503_and_exits_nonzero(server):
 def test_dsv2_serve_process_drains_on_sigterm_and_exits_0(tiny_checkpoint):
     """The real process: `dsv2 serve`, a stream in flight, SIGTERM: the stream finishes, the process exits 0."""
     import os
-    import socket
     import subprocess
 
     with socket.socket() as sock:

@@ -86,8 +86,8 @@ class SamplingFields(_Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1, le=MAX_INT32, description="0 or -1: off (vLLM)")] | None = None
     seed: Annotated[int, Field(ge=-2**63, le=2**64 - 1)] | None = None
-    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | Annotated[
-        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    # each at most Limits.max_stop_chars long (the server's --max-stop-chars; checked in to_sampling_params)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT32)]], Field(max_length=64)] | None = None
     ignore_eos: bool | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None

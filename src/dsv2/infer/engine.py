@@ -427,9 +427,16 @@ class Engine:
             tokens = logits.argmax(dim=-1)
         else:
             dev = logits.device
-            tokens = sample_next(logits, torch.tensor([p.temperature for p in ps], device=dev),
-                                 torch.tensor([p.top_k for p in ps], device=dev),
-                                 torch.tensor([p.top_p for p in ps], device=dev), [r.generator for r in reqs])
+            states = [r.generator.get_state() if r.generator is not None else None for r in reqs]
+            try:
+                tokens = sample_next(logits, torch.tensor([p.temperature for p in ps], device=dev),
+                                     torch.tensor([p.top_k for p in ps], device=dev),
+                                     torch.tensor([p.top_p for p in ps], device=dev), [r.generator for r in reqs])
+            except Exception:  # rows drawn before the failure get their seeded stream back for the retry
+                for r, st in zip(reqs, states):
+                    if st is not None:
+                        r.generator.set_state(st)
+                raise
         chosen_lp = top = None
         want = [p.logprobs for p in ps if p.logprobs is not None]
         if want:
