@@ -21,9 +21,7 @@ count (float32 master weights), for D = 1, 2, 4, 8.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
@@ -40,6 +37,7 @@ from common import save, table  # noqa: E402
 from dsv2.config import ModelConfig  # noqa: E402
 from dsv2.model import DeepseekV2  # noqa: E402
 from dsv2.train import expert_parallel as xp  # noqa: E402
+from dsv2.train.parallel import run_local  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 128, 16, 4
 M_OF_D = {2: 1, 4: 2}
@@ -52,26 +50,6 @@ def bench_config(D: int, limited: bool, comm_alpha: float = 0.0) -> ModelConfig:
                                    n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=64,
                                    aux_loss_alpha=0.0, device_loss_alpha=0.0, comm_loss_alpha=comm_alpha,
                                    seq_aux=False, **routing)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world, *args):
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
 
 
 def corpus_tokens(n_tokens: int) -> torch.Tensor:
@@ -238,7 +216,7 @@ def main(argv=None) -> None:
     for D in (2, 4):
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "res.pt"
-            spawn(_traffic_and_balance, D, out, tokens, args.steps, args.batch, args.seq_len + 1, args.lr,
+            run_local(_traffic_and_balance, D, out, tokens, args.steps, args.batch, args.seq_len + 1, args.lr,
                   args.comm_alpha)
             res = torch.load(out)
         record[f"D={D}"] = res
@@ -256,7 +234,7 @@ def main(argv=None) -> None:
         for D in (1, 2):
             with tempfile.TemporaryDirectory() as d:
                 out = Path(d) / "mem.pt"
-                spawn(_memory, D, out, args.memory_layers)
+                run_local(_memory, D, out, args.memory_layers)
                 base, held, peak = torch.load(out)
             mem.append({"ranks": D, "layers": args.memory_layers, "params GiB/rank (bf16)": held,
                         "peak RSS GiB/rank": peak, "RSS before build": base})

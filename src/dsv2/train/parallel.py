@@ -300,7 +300,32 @@ def write_model_shards(model: nn.Module, path: Path, d: Dist):
     return finish
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(fn, world: int, *args) -> None:
+    """fn(rank, world, *args) on `world` local CPU processes joined in one gloo group (torch.multiprocessing
+    spawn; fn must be importable by name): the tests and benchmarks of the multi-process code, without torchrun."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_local_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
 __all__ = ["Dist", "all_gather_object", "all_reduce_sum", "build_model", "clip_grad_norm", "expert_params",
-           "full_model_state",
-           "full_optimizer_state", "grad_sync", "init_distributed", "load_optimizer_state", "on_main", "shutdown",
-           "wrap", "write_model_shards"]
+           "full_model_state", "full_optimizer_state", "grad_sync", "init_distributed", "load_optimizer_state",
+           "on_main", "run_local", "shutdown", "wrap", "write_model_shards"]
