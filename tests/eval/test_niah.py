@@ -1,0 +1,75 @@
+"""dsv2 eval niah: prompt construction (exact length, needle at its depth), exact-retrieval scoring on answers
+forced right or wrong, the grid, and the CLI end to end on the Engine (JSON + heat map)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from dsv2.cli import main
+from dsv2.eval.niah import build_trials, filler_tokens, retrieved, run_niah
+
+NEEDLE_RE = re.compile(r"# The secret number of (\w+) is (\d+)\.")
+
+
+def _needle_value(tokenizer, prompt: list[int]) -> str:
+    """Read the needle's value back out of the prompt text (independently of how the prompt was built)."""
+    text = tokenizer.decode(prompt)
+    (key, value), = NEEDLE_RE.findall(text)
+    assert text.rstrip().endswith(f"# The secret number of {key} is")  # the question asks for that key
+    return value
+
+
+def test_prompts_have_the_exact_length_and_the_needle_at_its_depth(tokenizer):
+    filler = filler_tokens(tokenizer, 2000)
+    trials = build_trials(tokenizer, [100, 300], [0, 50, 100], 2, filler, seed=1)
+    assert len(trials) == 2 * 3 * 2
+    for t in trials:
+        assert len(t.prompt) == t.length and t.prompt[0] == tokenizer.bos_id
+        assert _needle_value(tokenizer, t.prompt) == t.value
+        # tokens before the needle, found by decoding ever longer prefixes, as a share of the filler
+        fact = f"# The secret number of {t.key} is {t.value}."
+        end = next(i for i in range(len(t.prompt)) if fact in tokenizer.decode(t.prompt[:i]))
+        tail = len(tokenizer.encode(f"\n{fact}\n")) + len(tokenizer.encode(f"\n# The secret number of {t.key} is"))
+        share = (end - len(tokenizer.encode(f"\n{fact}\n")) - 1) / (t.length - 1 - tail)
+        assert share == pytest.approx(t.depth / 100, abs=0.03), (t.depth, share)
+
+
+@pytest.mark.parametrize("answer,value,ok", [
+    (" 12345.", "12345", True), ("12345", "12345", True), ("\n 12345 is", "12345", True),
+    (" 12346.", "12345", False), (" 123456", "12345", False), (" x 12345", "12345", False), ("", "12345", False),
+    (" 1234", "12345", False),
+])
+def test_exact_retrieval_scoring(answer, value, ok):
+    assert retrieved(answer, value) is ok
+
+
+def test_grid_scores_forced_right_and_wrong_answers(tokenizer):
+    def right_in_first_half(prompts):  # a "model" that retrieves only needles placed in the first half
+        out = []
+        for p in prompts:
+            value = _needle_value(tokenizer, p)
+            text = tokenizer.decode(p)
+            first_half = text.index(f"is {value}.") < len(text) / 2
+            answer = value if first_half else str(int(value) + 1)
+            out.append(tokenizer.encode(f" {answer}.\n"))
+        return out
+
+    res = run_niah(tokenizer, right_in_first_half, lengths=[120, 240], depths=[0, 25, 75, 100], trials=3)
+    assert res["accuracy"] == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
+    assert res["mean"] == {"120": 0.5, "240": 0.5}
+    assert sum(t["correct"] for t in res["trials"]) == 2 * 2 * 3
+
+
+def test_cli_runs_the_grid_on_the_engine(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "niah"
+    assert main(["eval", "niah", "--model", str(tiny_checkpoint), "--lengths", "64,128", "--depths", "0,100",
+                 "--trials", "2", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "niah.json").read_text())
+    assert res["lengths"] == [64, 128] and res["depths"] == [0, 100] and len(res["trials"]) == 8
+    assert (out / "niah.png").stat().st_size > 1000
+    assert main(["eval", "niah", "--model", str(tiny_checkpoint), "--lengths", "250"]) == 2
+    assert "leave no room to answer" in capsys.readouterr().err
