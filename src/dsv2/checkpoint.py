@@ -516,7 +516,7 @@ def _write_streamed(file: Path, shard: list[tuple], produce: Callable[[str], tor
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name, dt, shape in shard:
-            t = produce(name).detach().to("cpu")
+            t = produce(name).to("cpu")
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
             t = t.to(dt).contiguous()

@@ -140,6 +140,8 @@ def fp8_linear_into(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tens
                     out: torch.Tensor) -> torch.Tensor:
     """out [M, N] (float32, unit column stride; may be a column slice of a wider buffer) = x [M, K] @ W^T with W
     [N, K] float8_e4m3fn (unit column stride) and scale_inv float32 [ceil(N/block), ceil(K/block)] contiguous."""
+    if not available():
+        raise RuntimeError("the FP8 CPU kernel is not available here (see dsv2.model.fp8_cpu.available)")
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] != K or tuple(out.shape) != (M, N) or out.dtype != torch.float32:
