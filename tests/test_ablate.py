@@ -100,9 +100,12 @@ def test_routing_study_writes_table_and_plots(tmp_path, corpus, capsys):
     before = (out / "runs" / "unrestricted-seed0" / "metrics.jsonl").read_text()
     assert main(["ablate", "routing", "--out", str(out), "--data", str(corpus), "--seeds", "0", *TINY]) == 0
     assert (out / "runs" / "unrestricted-seed0" / "metrics.jsonl").read_text() == before
+    again = json.loads((out / "ablation.json").read_text())["runs"]["unrestricted"]
+    assert again == runs[:1]  # the same measurements, train tokens/s included
     assert "held-out loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_attention_study_runs_a_variant_and_plots_loss_against_cache(tmp_path, corpus):
     out = tmp_path / "attention"
     assert main(["ablate", "attention", "--out", str(out), "--data", str(corpus), "--seeds", "3",

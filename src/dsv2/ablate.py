@@ -220,8 +220,10 @@ COLUMNS = [  # (result key, table header, format)
     ("eval_loss", "held-out loss", "{:.3f}"), ("eval_ppl", "ppl", "{:.1f}"), ("total_params", "total params", "{:,}"),
     ("activated_params", "activated params", "{:,}"), ("kv_bytes_per_token_bf16", "KV bytes/token (bf16)", "{:,}"),
     ("tokens_per_s", "train tok/s", "{:,.0f}"), ("load_max_over_mean", "load max/mean", "{:.2f}"),
-    ("load_entropy", "load entropy", "{:.3f}"), ("share_over_M_groups", "tokens > M groups", "{:.1%}"),
+    ("load_entropy", "load entropy", "{:.3f}"), ("groups_per_token", "groups/token", "{:.2f}"),
+    ("share_over_M_groups", "tokens > M groups", "{:.1%}"),
 ]
+ROUTING_ONLY = ("groups_per_token", "share_over_M_groups")  # shown in the routing study's table only
 
 
 def summarize(study: str, results: dict[str, list[dict]]) -> dict:
@@ -242,7 +244,8 @@ def summarize(study: str, results: dict[str, list[dict]]) -> dict:
 
 def format_table(table: dict) -> str:
     rows = table["rows"]
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)
+            and (table["study"] == "routing" or c[0] not in ROUTING_ONLY)]
     lines = ["| variant | " + " | ".join(h for _, h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         cells = []
@@ -338,8 +341,6 @@ def ablate(study: str, out: str | Path, seeds: list[int] = (0, 1), scale: Scale 
                          f"{', '.join(all_variants)}")
     if not seeds:
         raise ValueError("need at least one seed")
-    if data is not None and not Path(data).exists() and not any(c in data for c in "*?["):
-        raise FileNotFoundError(f"corpus not found: {data}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir, tokens = prepare_data(out, data, tokenizer, vocab_size, max_bytes, progress)
