@@ -19,13 +19,14 @@ def app(tiny_checkpoint):
     s.stop()
 
 
-def test_openapi_schema_fuzz(app):
+@pytest.mark.parametrize("examples", [3, pytest.param(40, marks=pytest.mark.slow)])
+def test_openapi_schema_fuzz(app, examples):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     seen = []
     for op in schema.get_all_operations():
         op = op.ok()
 
-        @settings(max_examples=8, deadline=None, database=None,
+        @settings(max_examples=examples, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def run(case):
