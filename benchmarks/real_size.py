@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--skip-bf16", action="store_true", help="no bf16 checkpoint (no quantize-on-load figure)")
     ap.add_argument("--skip-load", action="store_true", help="no load figures (decode only)")
+    ap.add_argument("--compare-dequantize", action="store_true",
+                    help="also decode at batch 1 with the FP8 CPU kernel switched off (dequantize, then matmul)")
     ap.add_argument("--out", default="real_size", help="results file name under benchmarks/results")
     args = ap.parse_args()
     if args.threads:
@@ -207,6 +209,14 @@ def main() -> None:
                         "active_gb_b1": bounds[1]["active_gb"], "bound_s_per_token_b1": bounds[1]["bound_s"],
                         f"active_gb_b{args.batch}": bounds[args.batch]["active_gb"],
                         f"bound_tok_s_b{args.batch}": args.batch / bounds[args.batch]["bound_s"]}
+    if args.compare_dequantize and fp8_cpu.available():
+        lib, fp8_cpu._lib = fp8_cpu._lib, False  # the fallback every FP8 product takes without the kernel
+        try:
+            slow = run_decode(model, 32, args.new_tokens, 1)["decode_s_per_token_b1"]
+        finally:
+            fp8_cpu._lib = lib
+        record["decode"]["decode_s_per_token_b1_dequantize"] = slow
+        print(f"batch-1 decode without the kernel (dequantize, then matmul): {slow:.2f} s/token")
     rows = [{"figure": "prefill tokens/s", "measured": dec["prefill_tok_s"], "bound": None},
             {"figure": "decode s/token, batch 1", "measured": dec["decode_s_per_token_b1"],
              "bound": bounds[1]["bound_s"]},

@@ -138,6 +138,13 @@ def test_init_small_loads_and_generates(small_ckpts):
     assert (a.exp() * (a - b)).sum(-1).max().item() < 0.01
 
 
+def test_init_never_replaces_a_checkpoint(small_ckpts, capsys):
+    before = (small_ckpts / "fp8" / "config.json").read_text()
+    assert main(["init", "--preset", "tiny", "--out", str(small_ckpts / "fp8")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (small_ckpts / "fp8" / "config.json").read_text() == before
+
+
 def test_init_fp8_equals_quantize_of_init_bf16(tiny_ckpts, tmp_path):
     quantize_checkpoint(tiny_ckpts / "bf16", tmp_path / "q", max_shard_size="64KB")
     assert len(list((tmp_path / "q").glob("*.safetensors"))) > 1

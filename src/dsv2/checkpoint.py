@@ -380,9 +380,11 @@ def available_memory(device: str | torch.device = "cpu") -> int | None:
     except (OSError, KeyError, ValueError):
         pass
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":  # the page cache the cgroup charges (inactive part) is reclaimable: count it free
+            stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
+            free.append(int(limit) - int((cg / "memory.current").read_text()) + int(stat.get("inactive_file", 0)))
     except (OSError, ValueError):
         pass
     return min(free) if free else None

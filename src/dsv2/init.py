@@ -49,7 +49,7 @@ def add_command(subparsers) -> None:
     p = subparsers.add_parser("init", help="write a random-weight checkpoint of a preset (shard by shard)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=list(PRESETS), help="model shape")
-    p.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically if it exists)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"],
                    help="bf16, or fp8: e4m3 weights with 128x128 block scales where an FP8 model has them")
     p.add_argument("--seed", type=int, default=0)
@@ -63,6 +63,10 @@ def _init(args) -> int:
     overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
     if args.layers is not None and args.layers < 1:
         raise ValueError("--layers must be at least 1")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty: random weights never replace a checkpoint; "
+                         "choose another --out or remove it first")
     config = ModelConfig.from_preset(args.preset, **overrides)
     out = init_checkpoint(config, args.out, fp8=args.dtype == "fp8", seed=args.seed,
                           max_shard_size=args.max_shard_size)
