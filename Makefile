@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU-only machine takes the CPU build of torch (small, fast to install); a CUDA machine takes the default.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.8" || echo "torch==2.13.0")
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo demo-full test test-all bench clean
 
 $(BIN)/dsv2: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,9 @@ setup: $(BIN)/dsv2
 
 demo: setup
 	$(BIN)/dsv2 demo
+
+demo-full: setup  # the whole lifecycle: pretrain (reused if runs/demo has it) -> SFT -> GRPO -> a chat answer
+	runs/align.sh
 
 test: setup  # fails on any pytest failure, also exit 5 ("no tests collected")
 	$(BIN)/python -m pytest -q

@@ -18,7 +18,6 @@ from dsv2.tokenizer import Tokenizer
 from dsv2.train import grpo as grpo_mod
 from dsv2.train import rewards
 from dsv2.train.grpo import GRPORecipe, group_advantages, grpo, grpo_loss
-from dsv2.train.run import latest_checkpoint
 from dsv2.train.synthetic import arithmetic_tasks
 
 @pytest.fixture(autouse=True, scope="module")
@@ -264,7 +263,7 @@ def test_beta_zero_loads_no_reference(recipe, tmp_path, monkeypatch):
 def test_cli_errors(recipe, tmp_path, capsys):
     base = ["grpo", "--init-from", recipe.init_from, "--out", str(tmp_path / "x"), "--no-progress"]
     assert main(base + ["--prompts", str(tmp_path / "nope.jsonl")]) == 2
-    assert "prompts file not found" in capsys.readouterr().err
+    assert "no data file at" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "1"}\n{"answer": "2"}\n')
     assert main(base + ["--prompts", str(bad)]) == 2

@@ -82,7 +82,7 @@ def test_sandbox_scores_passing_tests():
 @pytest.mark.parametrize("code", [
     "import os\nos._exit(0)",  # exits 0 before any test runs
     "import sys\nsys.exit(0)",
-    "print('\\nfake 3 3')\nimport os\nos._exit(0)",  # forges a result line without the nonce
+    "import os, sys\nprint('\\nfake 1 1')\nsys.stdout.flush()\nos._exit(0)",  # a result line without the nonce
 ])
 def test_sandbox_early_exit_scores_zero(code):
     assert run_sandboxed(code, ["assert True"]) == 0.0
@@ -93,6 +93,9 @@ def test_sandbox_kills_runaway_candidates(tmp_path):
     assert run_sandboxed("def add(a, b): return a + b\nwhile True:\n    pass\n", TESTS, timeout=1.5) == 0.0
     assert run_sandboxed("import time\ntime.sleep(60)", TESTS, timeout=1.0) == 0.0  # wall clock, not CPU
     assert time.perf_counter() - t < 15
+    # 600 MB is harmless to this machine: only the address-space limit makes the candidate fail
+    assert run_sandboxed("x = bytearray(600 * 1024 ** 2)\ndef add(a, b): return a + b", TESTS, timeout=20,
+                         memory_mb=256) == 0.0
     assert run_sandboxed("x = bytearray(8 * 1024 ** 3)\ndef add(a, b): return a + b", TESTS) == 0.0
     assert run_sandboxed("chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024 ** 2))", TESTS) == 0.0
 
@@ -109,3 +112,25 @@ def test_sandbox_blocks_forks(tmp_path):
     caught = fork.replace("pid = os.fork()", "try:\n    pid = os.fork()\nexcept OSError:\n    pid = -1") \
         .replace("os.waitpid(pid, 0)", "pass")
     assert run_sandboxed(caught, TESTS) == pytest.approx(2 / 3) and not marker.exists()
+
+
+def test_rm_source_scores_with_the_reward_model(tmp_path):
+    """rm:DIR loads the reward model once and scores (the row's prompt, the completion's assistant content)."""
+    from dsv2.config import ModelConfig
+    from dsv2.model import DeepseekV2
+    from dsv2.tokenizer import train_tokenizer
+    from dsv2.train.rm import RewardModel, chat_ids
+
+    tok = train_tokenizer(["Ada has 3 pens. How many? 3 + 4 = 7\n#### 7"] * 20, 300)
+    torch.manual_seed(0)
+    body = DeepseekV2(ModelConfig.from_preset("tiny", vocab_size=300))
+    head = torch.nn.Linear(body.config.hidden_size, 1, bias=False)
+    RewardModel(body, head, tok).save(tmp_path / "rm")
+    (src,) = parse_rewards([f"rm:{tmp_path / 'rm'}:0.5"])
+    assert (src.name, src.weight) == ("rm_rm", 0.5)
+    rows = [{"prompt": "Ada has 3 pens."}, {"messages": [{"role": "user", "content": "How many?"}]}]
+    got = src.fn(rows, [" 3 + 4 = 7\n#### 7", " #### 9"])  # decoded after "Assistant:": a leading space
+    rm = RewardModel.load(tmp_path / "rm")
+    want = [rm.score_ids([chat_ids(tok, "Ada has 3 pens.", "3 + 4 = 7\n#### 7")]).item(),
+            rm.score_ids([chat_ids(tok, "How many?", "#### 9")]).item()]
+    assert got == pytest.approx(want, rel=1e-5) and got[0] != got[1]

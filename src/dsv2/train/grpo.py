@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +44,10 @@ import torch
 from dsv2.checkpoint import load_checkpoint
 from dsv2.infer.engine import Engine, SamplingParams
 from dsv2.tokenizer import Tokenizer
-from dsv2.train import plots
 from dsv2.train.recipe import RunRecipe, _need
 from dsv2.train.rewards import RewardSource, parse_rewards, score
 from dsv2.train.run import Run, Stage, add_run_arguments, run_command, train
+from dsv2.train.sft import read_jsonl
 
 AGGREGATIONS = ("grpo", "token", "dr_grpo")
 STAGES = {"reasoning": ["math"], "preference": []}  # --stage: its default reward sources
@@ -134,24 +132,16 @@ def completion_logprobs(model, ids: torch.Tensor, prompt_len: torch.Tensor, widt
 def load_prompts(path: str | Path) -> list[dict]:
     """JSONL rows with "prompt" (a user message) or "messages" (a chat ending on a user turn), plus whatever the
     reward sources read ("answer", "tests", ...). A malformed line raises ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"),
-                                                                                               list)):
-            raise ValueError(f"{path}:{i}: expected an object with a \"prompt\" string or a \"messages\" list")
-        rows.append(row)
+    rows = read_jsonl(path, _prompt_row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
+
+
+def _prompt_row(row: dict) -> dict:
+    if not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+        raise ValueError("expected an object with a \"prompt\" string or a \"messages\" list")
+    return row
 
 
 def prompt_ids(tok: Tokenizer, row: dict) -> list[int]:
@@ -279,7 +269,8 @@ class GRPO(Stage):
         for i, row in enumerate(rows):
             n = len(prompt_ids(run.tok, row))
             if n > room:
-                raise ValueError(f"{path}: prompt {i + 1} has {n} tokens; seq_len - max_completion_tokens leaves {room}")
+                raise ValueError(f"{path}: prompt {i + 1} has {n} tokens; seq_len - max_completion_tokens leaves "
+                                 f"{room}")
         return rows
 
     def _order(self) -> list[int]:
@@ -435,7 +426,11 @@ def plot_rewards(records: list[dict], out: str | Path, title: str = "") -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
-        ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="rollout reward (mean)", lw=1.2)
+        steps, mean = [r["step"] for r in train], [r["reward_mean"] for r in train]
+        ax.plot(steps, mean, label="rollout reward (batch mean)", lw=0.8, alpha=0.5)
+        k = min(10, len(mean))  # a batch of a few prompts is noisy: the trailing mean over k steps shows the trend
+        trailing = [sum(mean[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(mean))]
+        ax.plot(steps, trailing, label=f"rollout reward (mean of the last {k} steps)", lw=1.8)
         names = sorted({k[7:-5] for r in train for k in r if k.startswith("reward_") and k.endswith("_mean")} - {""})
         for n in names if len(names) > 1 else []:
             ax.plot([r["step"] for r in train], [r.get(f"reward_{n}_mean") for r in train], lw=0.8, label=n)
