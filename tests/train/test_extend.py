@@ -123,7 +123,8 @@ def test_retrieval_sequences_hold_needles_then_their_questions_and_answers(token
 
 def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
     assert main(["extend", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
-    assert capsys.readouterr().err.strip() == "error: extend needs --init-from CKPT: the checkpoint whose context to extend"
+    assert capsys.readouterr().err.strip() == ("error: extend needs --init-from CKPT: the checkpoint whose context to "
+                                               "extend")
     with pytest.raises(ValueError, match="rope must be yarn, pi or none"):
         ExtendRecipe(rope="ntk").validate()
     with pytest.raises(ValueError, match="factor must be >= 1"):

@@ -33,7 +33,8 @@ def _add_lm_parser(sub) -> None:
                        description="Run lm-evaluation-harness tasks with dsv2's model class (dsv2.eval.lm.DSV2LM: "
                                    "the model's forward for log-likelihoods, the Engine for generation).\n\n"
                                    "    dsv2 eval lm --model DIR --tasks arc_easy,hellaswag --limit 100\n"
-                                   "    dsv2 eval lm --model DIR --include-path tests/fixtures/lm_tasks --tasks dsv2_tiny",
+                                   "    dsv2 eval lm --model DIR --include-path tests/fixtures/lm_tasks "
+                                   "--tasks dsv2_tiny",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")

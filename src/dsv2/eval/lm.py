@@ -9,12 +9,13 @@
 
 `DSV2LM` implements lm-eval's three request types the way its HF backend (`--model hf`) does, so that the scores
 are the same for the same checkpoint (tests/eval/test_lm.py checks it):
-- loglikelihood (lm-eval's TemplateLM tokenizes: context and continuation encoded together, an empty context
-  replaced by the eos token) -> `_loglikelihood_tokens`: context + continuation, left-truncated to
-  max_position_embeddings + 1, minus its last token, right-padded batches (longest first) through the model's one
-  forward; the sum of the continuation's log-probabilities and whether greedy decoding would produce it.
+- loglikelihood (lm-eval's TemplateLM tokenizes: context and continuation encoded together; texts start with bos,
+  as transformers encodes with our tokenizer by default; an empty context is bos) -> `_loglikelihood_tokens`:
+  context + continuation, left-truncated to max_position_embeddings + 1, minus its last token, right-padded batches
+  (longest first) through the model's one forward; the sum of the continuation's log-probabilities and whether
+  greedy decoding would produce it.
 - loglikelihood_rolling: the document in disjoint windows of max_position_embeddings tokens, each conditioned on
-  the token before it (eos for the first), as lm-eval's rolling windows.
+  the token before it (bos for the first), as lm-eval's rolling windows.
 - generate_until: the context left-truncated to max_length - max_gen_toks, generated on the Engine (continuous
   batching over the paged cache; greedy unless do_sample with temperature > 0), cut at the first stop string.
 """
@@ -37,12 +38,17 @@ class DSV2LM(TemplateLM):
     """lm-eval model over a dsv2 DeepseekV2 and its Tokenizer (see the module docstring)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256, kv_cache_memory: int | str = "256MB", progress: bool = True):
+                 max_gen_toks: int = 256, kv_cache_memory: int | str = "256MB", add_bos_token: bool = True,
+                 progress: bool = True):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self._batch_size, self.max_gen_toks, self.progress = int(batch_size), max_gen_toks, progress
+        # our tokenizer, read by transformers, prepends bos by default (as DeepSeek's add_bos_token does), and
+        # lm-eval's HF backend encodes with that default
+        self.add_bos_token = add_bos_token
+        self._bos_text = tokenizer.decode([tokenizer.bos_id], skip_special_tokens=False)
         self._max_length = max_length or model.config.max_position_embeddings
         self._device = model.lm_head.weight.device
         self.engine = Engine(model, kv_cache_memory, max_batch_size=self._batch_size,
@@ -62,6 +68,11 @@ class DSV2LM(TemplateLM):
         return self.tokenizer.eos_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """What conditions an empty context (and the first rolling window): bos, as lm-eval's HF backend uses."""
+        return self.tokenizer.bos_id
+
+    @property
     def max_length(self) -> int:
         return self._max_length
 
@@ -70,7 +81,9 @@ class DSV2LM(TemplateLM):
         return self._batch_size
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_bos=bool(add_special_tokens))
+        if add_special_tokens is None:  # the tokenizer's default, unless the text already starts with bos
+            add_special_tokens = self.add_bos_token and not string.startswith(self._bos_text)
+        return self.tokenizer.encode(string, add_bos=add_special_tokens, parse_special=True)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)

@@ -150,7 +150,7 @@ def add_parser(sub) -> None:
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     _model_args(p)
     p.add_argument("--lengths", default=None,
-                   help="context lengths, comma-separated (default: 8 lengths up to the model's max_position_embeddings)")
+                   help="context lengths, comma-separated (default: 8 lengths up to the model's length)")
     p.add_argument("--depths", default=",".join(map(str, DEFAULT_DEPTHS)), help="needle depths in percent")
     p.add_argument("--trials", type=int, default=4, help="prompts per (length, depth) cell")
     p.add_argument("--seed", type=int, default=0)
