@@ -15,3 +15,6 @@ TOK=(--tokenizer runs/ablate_attention/tokenizer)
 "$DSV2" ablate moe --out runs/ablate_moe "${TOK[@]}" --seeds 0,1,2 "${COMMON[@]}" "$@"
 "$DSV2" ablate balance --out runs/ablate_balance "${TOK[@]}" --seeds 0,1 "${COMMON[@]}" "$@"
 "$DSV2" ablate routing --out runs/ablate_routing "${TOK[@]}" --seeds 0,1 "${COMMON[@]}" "$@"
+# the attention claim again with 4x the tokens (480 steps, 246k tokens per run), MLA and MHA only
+"$DSV2" ablate attention --out runs/ablate_attention_long "${TOK[@]}" --steps 480 --evals 4 --variants MLA,MHA \
+  --seeds 0,1 "${COMMON[@]}" "$@"
