@@ -104,30 +104,33 @@ out = Path(os.environ["OUT"])
 runs = {"trained at 256, no scaling": "short", "YaRN x8 -> 2048": "yarn", "PI x8 -> 2048": "pi",
         "no scaling -> 2048": "none"}
 summary, ppl = {"wall_s": int(os.environ["ELAPSED"])}, {}
-fig, axes = plt.subplots(1, 4, figsize=(13, 3.2), sharey=True)
-for ax, (name, d) in zip(axes, runs.items()):
-    niah = json.loads((out / d / "eval" / "niah.json").read_text())
+done = {n: d for n, d in runs.items() if (out / d / "eval" / "ppl.json").is_file()}
+fig, axes = plt.subplots(1, len(done), figsize=(3.3 * len(done), 3.2), sharey=True, squeeze=False)
+for ax, (name, d) in zip(axes[0], done.items()):
     p = json.loads((out / d / "eval" / "ppl.json").read_text())
     ppl[name] = p["buckets"]
-    summary[d] = {"niah_by_length": niah["mean"], "niah_accuracy": niah["accuracy"],
-                  "loss_first_256": float(np.mean([b["loss"] for b in p["buckets"] if b["end"] <= 256])),
+    summary[d] = {"loss_first_256": float(np.mean([b["loss"] for b in p["buckets"] if b["end"] <= 256])),
                   "loss_after_256": float(np.mean([b["loss"] for b in p["buckets"] if b["start"] >= 256]))}
-    acc = np.asarray(niah["accuracy"]).T
-    im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(niah["lengths"])), niah["lengths"])
-    ax.set_yticks(range(len(niah["depths"])), [f"{x}%" for x in niah["depths"]])
     ax.set_title(name, fontsize=9)
     ax.set_xlabel("context length")
-axes[0].set_ylabel("needle depth")
-fig.colorbar(im, ax=axes, label="retrieval accuracy")
+    if not (out / d / "eval" / "niah.json").is_file():
+        ax.text(0.5, 0.5, "NIAH not run", ha="center", transform=ax.transAxes)
+        continue
+    niah = json.loads((out / d / "eval" / "niah.json").read_text())
+    summary[d].update(niah_by_length=niah["mean"], niah_accuracy=niah["accuracy"])
+    im = ax.imshow(np.asarray(niah["accuracy"]).T, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(niah["lengths"])), niah["lengths"])
+    ax.set_yticks(range(len(niah["depths"])), [f"{x}%" for x in niah["depths"]])
+axes[0][0].set_ylabel("needle depth")
+fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="RdYlGn"), ax=axes[0],
+             label="retrieval accuracy")
 fig.savefig(out / "niah_grids.png", dpi=70)
 plot_ppl(ppl, out / "ppl.png", trained=256)
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print(f"{'model':<40} " + " ".join(f"{n:>6}" for n in json.loads((out / 'yarn/eval/niah.json').read_text())['lengths'])
-      + "   loss<256  loss>=256")
-for name, d in runs.items():
+print(f"{'model':<32} NIAH accuracy by length        loss<256  loss>=256")
+for name, d in done.items():
     s = summary[d]
-    print(f"{name:<40} " + " ".join(f"{v:6.2f}" for v in s["niah_by_length"].values())
-          + f"   {s['loss_first_256']:8.3f}  {s['loss_after_256']:8.3f}")
+    print(f"{name:<32} {json.dumps(s.get('niah_by_length', 'not run')):<30} {s['loss_first_256']:8.3f}  "
+          f"{s['loss_after_256']:8.3f}")
 print(f"wall time {summary['wall_s']} s; wrote {out}/summary.json, niah_grids.png, ppl.png")
 EOF
