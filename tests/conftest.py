@@ -1,4 +1,4 @@
-"""Shared test setup: deterministic seeds, and GPU-marked tests skipped (with a reason shown) without CUDA."""
+"""Shared test setup: deterministic seeds, one intra-op thread, and GPU-marked tests skipped (with a reason shown) without CUDA."""
 
 import os
 
@@ -22,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tests run tiny models: a second intra-op thread gains nothing, and OpenMP threads spin and collapse when the
+    cores are shared. Tests that measure or need threads set them inside the test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

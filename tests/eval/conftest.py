@@ -13,15 +13,6 @@ from dsv2.data import iter_corpus_texts
 from dsv2.tokenizer import Tokenizer, train_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads collapse when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     out = tmp_path_factory.mktemp("tok")

@@ -20,15 +20,6 @@ from dsv2.train import rewards
 from dsv2.train.grpo import GRPORecipe, group_advantages, grpo, grpo_loss
 from dsv2.train.synthetic import arithmetic_tasks
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster (no spinning barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- the loss, by hand ------------------------------------------------------------------------------------------
 # 2 completions, width 3; completion 1 has 2 tokens. Ratios exp(logp - old) chosen to land inside, above and below
 # the clip range with both advantage signs.
