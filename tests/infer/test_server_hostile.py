@@ -91,12 +91,14 @@ def test_huge_body_is_413_quickly_and_health_stays_fast(server):
     assert len(ping.times) >= 3 and max(ping.times) < 0.25, ping.times  # 100 ms nominal; 2 shared cores here
 
 
-def test_tokenization_is_off_the_event_loop(server):
-    """A 400k-character prompt takes seconds to tokenize here; /health answers meanwhile."""
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_tokenization_is_off_the_event_loop(server, route):
+    """A 400k-character prompt (or chat message) takes seconds to tokenize here; /health answers meanwhile."""
     text = "def foo(x):\n    return x + 1\n" * 14_000
+    body = ({"prompt": text} if route == "completions" else {"messages": [{"role": "user", "content": text}]})
     with _Pinger(server.url) as ping:
         t = time.perf_counter()
-        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": text}, timeout=60)
+        r = httpx.post(f"{server.url}/v1/{route}", json={"model": MODEL, **body}, timeout=60)
         took = time.perf_counter() - t
     assert _shape(r, 400)["code"] == "context_length_exceeded"
     assert took > 0.3 and len(ping.times) >= 5, (took, len(ping.times))
