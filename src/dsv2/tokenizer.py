@@ -27,6 +27,7 @@ BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 PAD_TOKEN = "<｜▁pad▁｜>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+_GIL_FREE_CHARS = 1 << 16  # encode() hands texts longer than this to the GIL-releasing batch encoder
 
 # As published in deepseek-ai/DeepSeek-V2-Chat's tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -199,8 +200,15 @@ class Tokenizer:
         """Token ids of `text` (bos first when add_bos). Special-token strings inside `text` (e.g. the eos token's
         name typed by a user) stay plain text unless `parse_special`, as transformers' `split_special_tokens=True`
         and vLLM do for user content; only the chat template's own markers become special ids (see
-        apply_chat_template)."""
-        ids = (self.tok if parse_special else self._plain).encode(text, add_special_tokens=False).ids
+        apply_chat_template).
+
+        Long texts go through the batch encoder, which releases the GIL while it works: a server thread encoding a
+        multi-megabyte message then does not stall the event loop (the single-text call holds the GIL)."""
+        tok = self.tok if parse_special else self._plain
+        if len(text) > _GIL_FREE_CHARS:
+            ids = tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        else:
+            ids = tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False, *, parse_special: bool = False) -> list[list[int]]:
