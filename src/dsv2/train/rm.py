@@ -29,6 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,8 @@ from dsv2.checkpoint import load_checkpoint
 from dsv2.model import DeepseekV2
 from dsv2.tokenizer import Tokenizer
 from dsv2.train import parallel
-from dsv2.train.recipe import RunRecipe, _need
 from dsv2.train.run import Run, Stage, add_run_arguments, run_command, train
-from dsv2.train.sft import EpochSampler, micro_chunks, pad_right, rank_slice, read_jsonl, split_rows
+from dsv2.train.sft import EpochSampler, SFTRecipe, micro_chunks, pad_right, rank_slice, read_jsonl, split_rows
 
 HEAD_FILE = "score.safetensors"
 HEAD_NAME = "score.weight"
@@ -129,25 +129,14 @@ class RewardModel(nn.Module):
 
 # ---- training -------------------------------------------------------------------------------------------------
 @dataclass
-class RMRecipe(RunRecipe):
-    """Reward model: the run's fields (with fine-tuning defaults) plus the preference pairs."""
+class RMRecipe(SFTRecipe):
+    """Reward model: SFT's fields and checks (fine-tuning defaults, epochs, held-out share), over preference pairs."""
     data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"} rows (required)
-    epochs: float = 0.0  # passes over the training pairs; sets max_steps when > 0
-    val_fraction: float = 0.05  # share of pairs held out for eval_loss / eval_accuracy
     seq_len: int = 512  # longest rendered chat in tokens; longer pairs are left out (counted)
     batch_size: int = 16  # pairs per optimizer step
-    max_steps: int = 200  # used when epochs is 0
     lr: float = 1e-4  # peak learning rate
-    schedule: str = "cosine"  # "step" or "cosine"
-    warmup_steps: int = 10  # linear warmup steps
-    eval_every: int = 50  # steps between held-out evaluations
-    save_every: int = 100  # steps between checkpoints
 
-    def validate(self) -> None:
-        super().validate()
-        _need(self.data is not None, "data is required (--data pairs.jsonl)")
-        _need(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
-        _need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+    data_hint: ClassVar[str] = "pairs.jsonl"
 
 
 def _pair(row: dict) -> tuple[str, str, str]:

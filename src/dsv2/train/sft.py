@@ -32,6 +32,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +61,11 @@ class SFTRecipe(RunRecipe):
     eval_every: int = 50  # steps between held-out evaluations
     save_every: int = 100  # steps between checkpoints
 
+    data_hint: ClassVar[str] = "FILE.jsonl"  # named in the missing-data error
+
     def validate(self) -> None:
         super().validate()
-        _need(self.data is not None, "data is required (--data FILE.jsonl)")
+        _need(self.data is not None, f"data is required (--data {self.data_hint})")
         _need(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         _need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
