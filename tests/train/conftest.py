@@ -6,9 +6,11 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
+from dsv2 import DeepseekV2, ModelConfig, save_checkpoint
 from dsv2.data import iter_corpus_texts
-from dsv2.tokenizer import train_tokenizer
+from dsv2.tokenizer import Tokenizer, train_tokenizer
 from dsv2.train.recipe import Recipe
 
 MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py",
@@ -36,3 +38,13 @@ def recipe(corpus, tokenizer_dir) -> Recipe:
     return Recipe(preset="tiny", data=str(corpus), tokenizer=str(tokenizer_dir), seq_len=32, batch_size=8,
                   max_steps=8, warmup_steps=2, lr=3e-3, log_every=1, eval_every=4, eval_batches=2, save_every=4,
                   keep_last=0)
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, tokenizer_dir):
+    """A random tiny checkpoint with the tokenizer beside it, to --init-from (SFT, RM)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("base") / "ckpt"
+    model = DeepseekV2(ModelConfig.from_preset("tiny", vocab_size=512))
+    save_checkpoint(model, out, extra=lambda tmp: Tokenizer.load(tokenizer_dir).save(tmp))
+    return out

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from dsv2.checkpoint import load_checkpoint, save_checkpoint
+from dsv2.checkpoint import load_checkpoint
 from dsv2.cli import main
-from dsv2.config import ModelConfig
-from dsv2.model import DeepseekV2
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.run import latest_checkpoint
 from dsv2.train.sft import SFTRecipe, sft
@@ -27,16 +25,6 @@ def write_jsonl(path, rows):
 
 def metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, tokenizer_dir):
-    """A tiny checkpoint with its tokenizer, to --init-from."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("base") / "ckpt"
-    model = DeepseekV2(ModelConfig.from_preset("tiny", vocab_size=512))
-    save_checkpoint(model, out, extra=lambda tmp: Tokenizer.load(tokenizer_dir).save(tmp))
-    return out
 
 
 @pytest.fixture
