@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a CUDA machine (PyTorch preinstalled, no network; installs nothing), under 8 minutes:
 #   1. versions (nvidia-smi, torch, CUDA, transformers, fastapi)
-#   2. the gpu-marked tests: bf16 parity with transformers, grouped-mm vs loop experts, FP8, compiled vs eager decode
+#   2. the gpu-marked tests: bf16 parity with transformers, grouped-mm vs loop experts, FP8 (dequantized, and the
+#      torch._scaled_mm tensor-core path with block scales), compiled vs eager decode
 #   3. the server tests, if fastapi/uvicorn/httpx/openai are importable (else skipped, said so)
 #   4. training tokens/s (forward + backward, bf16 autocast) on a V2-Lite-width model with 4 layers, random weights,
 #      dsv2 vs transformers (if installed), with the fraction of the measured bf16 matmul peak

@@ -288,3 +288,99 @@ def test_fp8_model_equals_model_with_dequantized_weights(pair):
         got, want, orig = model(ids), ref(ids), dense(ids)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     assert ((got - orig).norm() / orig.norm()).item() < E4M3_REL
+
+
+# ---- the GPU FP8 matmul (torch._scaled_mm with block scales), its CPU-checkable parts -----------------------
+def test_activation_quantization_is_per_token_and_128_channels():
+    """Independent of the code: each (row, 128-channel block) maps its largest magnitude to exactly +-448, every
+    element comes back within e4m3's rounding, and blocks do not share scales (a huge block leaves its neighbour
+    intact)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 384) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(128)
+    x[2, 128:256] *= 1e4  # one loud block
+    x[3, :128] = 0  # an all-zero block
+    q, s = fp8.quantize_activations(x)
+    assert q.dtype == FP8_DTYPE and q.shape == x.shape and s.shape == (5, 3) and s.dtype == torch.float32
+    for m in range(5):
+        for c in range(3):
+            blk, qb = x[m, 128 * c:128 * (c + 1)], q[m, 128 * c:128 * (c + 1)].float()
+            if blk.abs().max() == 0:
+                assert s[m, c] == 1 and torch.all(qb == 0)
+                continue
+            assert qb.abs().max() == 448
+            back = qb * s[m, c]
+            err = (back - blk).abs()
+            assert torch.all(err <= E4M3_REL * blk.abs() + E4M3_SUBNORMAL_ABS * s[m, c] + 1e-12)
+    assert s[2, 0] == x[2, :128].abs().max() / 448  # untouched by the loud block beside it
+
+
+def _emulated_scaled_mm(a, b, *, scale_a, scale_b, out_dtype):
+    """torch._scaled_mm's documented block-scaled contract (as PyTorch's own test emulates it), checking the
+    layouts cuBLAS requires: a [M, K] fp8 row-major with M % 16 == 0, scale_a [M, K/128] outer-dim-major (1x128
+    blocks); b [K, N] fp8 column-major, scale_b [K/128, N/128] (128x128 blocks)."""
+    M, K = a.shape
+    N = b.shape[1]
+    assert a.dtype == b.dtype == FP8_DTYPE and M % 16 == 0 and a.stride(1) == 1 and b.stride(0) == 1
+    assert scale_a.shape == (M, K // 128) and scale_a.stride(0) == 1
+    assert scale_b.shape == (K // 128, math.ceil(N / 128))
+    af = a.float() * scale_a.repeat_interleave(128, dim=1)
+    bf = b.float() * scale_b.repeat_interleave(128, dim=0).repeat_interleave(128, dim=1)[:, :N]
+    return (af @ bf).to(out_dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 33])
+def test_fp8_scaled_mm_passes_the_block_layouts_and_matches_the_dequantized_product(monkeypatch, rows):
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
+    torch.manual_seed(1)
+    lin = nn.Linear(384, 208, bias=True)  # N not a multiple of 128: a partial block column of scales
+    m = FP8Linear.from_linear(lin)
+    x = torch.randn(rows, 384)
+    y = fp8.fp8_scaled_mm(x.view(1, rows, 384), m.weight, m.weight_scale_inv, m.bias)
+    assert y.shape == (1, rows, 208)
+    ref = F.linear(x, _loop_dequant(m.weight, m.weight_scale_inv), lin.bias)
+    # The only difference is the activations' own e4m3 rounding: |dx| <= 2^-4 |x| (+ subnormal floor) per element.
+    xq, xs = fp8.quantize_activations(x)
+    dx_bound = E4M3_REL * x.abs() + E4M3_SUBNORMAL_ABS * xs.repeat_interleave(128, dim=1)
+    bound = dx_bound @ _loop_dequant(m.weight, m.weight_scale_inv).abs().T
+    assert torch.all((y[0] - ref).abs() <= bound + 1e-4)
+    assert (y[0] - ref).abs().max() > 0  # the activations really were quantized
+
+
+def test_fp8_linear_uses_scaled_mm_where_it_runs_and_falls_back_once_where_refused(monkeypatch):
+    """The dispatch, on CPU with the CPU kernel off: a device whose first call succeeds keeps the FP8 product; one
+    whose first call is refused warns once and dequantizes from then on."""
+    monkeypatch.setattr(fp8_cpu, "available", lambda: False)
+    monkeypatch.setattr(fp8, "_SCALED_MM", {})
+    monkeypatch.setattr(fp8, "_scaled_mm_state", lambda x, w, b: fp8._SCALED_MM.get((x.device.type, x.device.index)))
+    torch.manual_seed(2)
+    m = FP8Linear.from_linear(nn.Linear(256, 128, bias=False))
+    x = torch.randn(3, 256)
+    dense = F.linear(x, _loop_dequant(m.weight, m.weight_scale_inv))
+    calls = []
+
+    def ok(*a, **k):
+        calls.append(1)
+        return _emulated_scaled_mm(*a, **k)
+
+    monkeypatch.setattr(torch, "_scaled_mm", ok)
+    y = m(x)
+    assert calls and fp8._SCALED_MM[("cpu", None)] is True and not torch.equal(y, dense)
+
+    def refuse(*a, **k):
+        calls.append(0)
+        raise RuntimeError("Invalid scaling configuration")
+
+    monkeypatch.setattr(fp8, "_SCALED_MM", {})
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with pytest.warns(UserWarning, match="dequantized per call"):
+        y = m(x)
+    assert fp8._SCALED_MM[("cpu", None)] is False and torch.allclose(y, dense, atol=1e-5)
+    n = len(calls)
+    assert torch.allclose(m(x), dense, atol=1e-5) and len(calls) == n  # never asked again
+
+
+def test_scaled_mm_is_not_tried_on_cpu_or_for_unfit_shapes():
+    w = torch.zeros(128, 256, dtype=FP8_DTYPE)
+    assert fp8._scaled_mm_state(torch.randn(2, 256), w, 128) is False  # CPU: the kernel or dequantize
+    meta = torch.empty(2, 200, device="meta")
+    assert fp8._scaled_mm_state(meta, torch.zeros(128, 200, dtype=FP8_DTYPE), 128) is False

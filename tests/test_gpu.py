@@ -107,11 +107,13 @@ def test_grouped_mm_experts_equal_the_loop_bf16():
         assert (g - l).abs().max() < 5e-2 * l.abs().max()
 
 
-def test_fp8_weights_on_device_decode_like_the_cpu_reference_and_near_full_precision(tmp_path):
+def test_fp8_weights_on_device_decode_like_the_cpu_reference_and_near_full_precision(tmp_path, monkeypatch):
     """FP8 on the device (bf16 compute) against the same FP8 weights on the CPU in float32 (the reference
     dequantization, tests/test_quant.py): bf16-level agreement. Against full precision the stated tolerance is
     FP8's own error on this random init-0.1 model: mean |logit error| under 15% of mean |logit|, and the
-    teacher-forced greedy choice the same at >= 80% of positions."""
+    teacher-forced greedy choice the same at >= 80% of positions. The dequantize path (FP8 activations are the
+    next test's)."""
+    monkeypatch.setenv("DSV2_FP8_MATMUL", "0")
     cfg = tiny_model().config
     save_checkpoint(tiny_model(), tmp_path)
     fp8_ref = load_checkpoint(tmp_path, dtype=torch.float32, fp8=True).eval()
@@ -130,6 +132,43 @@ def test_fp8_weights_on_device_decode_like_the_cpu_reference_and_near_full_preci
     fp8_err = (b - c).abs().mean() / c.abs().mean()
     assert 0 < fp8_err < 0.15
     assert (b.argmax(-1) == c.argmax(-1)).float().mean() >= 0.8
+
+
+def test_fp8_tensor_core_matmul_with_block_scales(tmp_path):
+    """torch._scaled_mm with DeepSeek's scales (activations 1x128 per token, weights 128x128): on sm90 it must run
+    (no silent fallback) and stay within the activations' own e4m3 rounding of the dequantized product; elsewhere
+    the first call falls back to dequantize-then-matmul, exactly. Then a whole FP8 model whose linear layers take
+    it: decode logits equal prefill (per-token scales make rows independent) and stay near the CPU reference."""
+    import dsv2.model.fp8 as fp8
+    from dsv2.model.fp8 import FP8Linear, dequantize_fp8_blockwise
+
+    torch.manual_seed(0)
+    m = FP8Linear.from_linear(torch.nn.Linear(512, 384)).to(DEVICE)
+    x = torch.randn(5, 512, device=DEVICE, dtype=torch.bfloat16)
+    dense = F.linear(x.float(), dequantize_fp8_blockwise(m.weight, m.weight_scale_inv, dtype=torch.float32),
+                     m.bias.float())
+    y = m(x)
+    state = fp8._SCALED_MM.get((DEVICE.type, DEVICE.index if DEVICE.index is not None else 0),
+                               fp8._SCALED_MM.get((DEVICE.type, None)))
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability() == (9, 0):
+        assert state is True, "torch._scaled_mm with block scales did not run on this sm90 GPU"
+    err = (y.float() - dense).abs().max() / dense.abs().max()
+    assert err < (0.06 if state else 0.01), err
+    cfg = ModelConfig.from_preset("small", initializer_range=0.05)  # hidden 256, intermediate 768: K % 128 == 0
+    save_checkpoint(DeepseekV2(cfg), tmp_path)
+    model = load_checkpoint(tmp_path, dtype=torch.bfloat16, device=DEVICE, fp8=True).eval()
+    ref = load_checkpoint(tmp_path, dtype=torch.float32, fp8=True).eval()
+    ids = torch.randint(3, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    engine = Engine(model, "64MB", max_batch_size=2, eos_token_id=None)
+    got = torch.tensor([o.token_ids for o in engine.generate(ids.tolist(), SamplingParams(max_tokens=8,
+                                                                                          ignore_eos=True))])
+    seqs = torch.cat([ids, got], dim=1)
+    with torch.no_grad():
+        full = model(seqs.to(DEVICE)).float().cpu()
+        b = ref(seqs).float()
+    assert (full - b).abs().mean() < 0.05 * b.abs().mean()
+    # decode (one token per step on the cache) chose what the one-pass prefill of the same tokens prefers
+    assert (full[:, 15:23].argmax(-1) == got).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.1)])

@@ -10,10 +10,11 @@ Dequantization multiplies in float32 and then casts, as DeepSeek's `weight_dequa
 `convert_model_fp8(model)` turns every linear layer except lm_head and the MoE router into an FP8Linear and every
 stack of routed experts into FP8RoutedExperts, in place. The weights stay FP8 in memory. `fp8_linear` is the one
 product with such a weight: on CPU the kernel of dsv2.model.fp8_cpu reads each FP8 weight once per call and never
-writes a dequantized copy (decode at batch 1..8 is bound by reading the weights); elsewhere (or where that kernel
-cannot be built) the weight is dequantized into the compute dtype, then multiplied; experts are dequantized only
-when they received tokens. Expert stacks
-keep the checkpoint's per-projection blocks: w13 [E, 2I, H] holds gate rows then up rows, and its scales
+writes a dequantized copy (decode at batch 1..8 is bound by reading the weights); on sm90 GPUs FP8 tensor cores
+multiply it through torch._scaled_mm with activations quantized per token and 128 channels (DeepSeek's own
+inference recipe; `fp8_scaled_mm`); elsewhere (or where neither runs) the weight is dequantized into the compute
+dtype, then multiplied. Routed experts are dequantized only when they received tokens. Expert stacks keep the
+checkpoint's per-projection blocks: w13 [E, 2I, H] holds gate rows then up rows, and its scales
 [E, 2 * ceil(I/128), ceil(H/128)] are the gate's block rows then the up's, so an I that is not a multiple of 128
 (tiny presets) still matches the published per-expert tensors exactly.
 """
@@ -21,6 +22,8 @@ keep the checkpoint's per-projection blocks: w13 [E, 2I, H] holds gate rows then
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -123,11 +126,82 @@ def _cpu_kernel(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and fp8_cpu.available())
 
 
+# ---- FP8 matmul on GPUs that have it: torch._scaled_mm with DeepSeek's scales ---------------------------------
+# DeepSeek's own inference (fp8_gemm) quantizes activations on the fly per token and 128 channels (act_quant) and
+# multiplies them with the 128x128-block weights on FP8 tensor cores. torch._scaled_mm takes exactly that pair
+# (1x128 scales for the left operand, 128x128 for the right) through cuBLAS on sm90 with CUDA >= 12.9. Where it is
+# refused (another GPU, an older CUDA or PyTorch), the first call says so once and the device falls back to
+# dequantize-then-matmul for good. DSV2_FP8_MATMUL=0 switches it off.
+_SCALED_MM: dict[tuple[str, int | None], bool] = {}  # device -> True (ran) / False (refused); absent: untried
+
+
+def quantize_activations(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of block) -> (float8_e4m3fn [M, K], float32 scale_inv [M, K / block]) with
+    x ~ q * scale_inv per token and `block` channels: scale_inv = amax / 448 (1 for an all-zero block), as
+    DeepSeek's act_quant."""
+    M, K = x.shape
+    xb = x.float().view(M, K // block, block)
+    s = xb.abs().amax(-1) / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = (xb / s[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(M, K), s
+
+
+def _scaled_mm_state(x: torch.Tensor, weight: torch.Tensor, block: int) -> bool | None:
+    """True: use torch._scaled_mm (it ran here before); None: try it (first call on this device); False: don't."""
+    if (x.device.type != "cuda" or block != BLOCK or x.dtype not in (torch.bfloat16, torch.float32)
+            or weight.shape[1] % BLOCK or weight.shape[0] % 16 or (torch.is_grad_enabled() and x.requires_grad)
+            or os.environ.get("DSV2_FP8_MATMUL", "1") == "0" or not hasattr(torch, "_scaled_mm")):
+        return False
+    key = (x.device.type, x.device.index)
+    state = _SCALED_MM.get(key)
+    if state is None:
+        if torch.cuda.get_device_capability(x.device) < (9, 0):
+            state = _SCALED_MM[key] = False  # block scales need sm90's FP8 tensor cores
+        elif torch.compiler.is_compiling():
+            return False  # try it in eager mode first, where a refusal can be caught
+    return state
+
+
+def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+                  block: int = BLOCK) -> torch.Tensor:
+    """x [..., K] @ W^T with W [N, K] FP8 and scale_inv [N / 128, K / 128]: activations quantized per token and 128
+    channels, then torch._scaled_mm (FP8 x FP8, float32 accumulation) -> [..., N] in x's dtype. Rows are padded
+    to a multiple of 16 (cuBLAS FP8 needs it)."""
+    K, N = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M % 16:
+        x2 = F.pad(x2, (0, 0, 0, -M % 16))
+    q, s = quantize_activations(x2, block)
+    y = torch._scaled_mm(q, weight.t(), scale_a=s.t().contiguous().t(),  # 1x128 scales: outer-dim-major
+                         scale_b=scale_inv.t(), out_dtype=x.dtype)
+    y = y[:M]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(*x.shape[:-1], N)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ W^T (+ bias) -> [..., out] in x's dtype, W [out, in] FP8 with block scales: the CPU kernel where
-    it runs (float32 accumulation, then cast), else dequantize into x's dtype and F.linear."""
+    it runs (float32 accumulation, then cast), FP8 tensor cores through torch._scaled_mm on GPUs that take block
+    scales (activations quantized per token and 128 channels, as DeepSeek's inference does), else dequantize into
+    x's dtype and F.linear."""
     if not _cpu_kernel(x):
+        state = _scaled_mm_state(x, weight, block)
+        if state is not False:
+            try:
+                y = fp8_scaled_mm(x, weight, scale_inv, bias, block)
+            except RuntimeError as e:
+                if state:  # it ran before on this device: a real error, not a refusal
+                    raise
+                _SCALED_MM[(x.device.type, x.device.index)] = False
+                warnings.warn(f"dsv2: FP8 matmul with block scales is not available on {x.device} "
+                              f"({str(e).splitlines()[0][:200]}); FP8 weights are dequantized per call instead")
+            else:
+                _SCALED_MM[(x.device.type, x.device.index)] = True
+                return y
         return F.linear(x, dequantize_fp8_blockwise(weight, scale_inv, block, x.dtype),
                         None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(-1, x.shape[-1])
@@ -138,7 +212,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
-# ---- modules -------------------------------------------------------------------------------------------------
 def apply_keeping_dtype(module: nn.Module, base_apply, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
     """nn.Module._apply for modules holding quantized buffers `names` (fp8 weights, float32 scales).
 
