@@ -111,3 +111,34 @@ def test_generate_sampling_is_seeded_and_stops_at_eos():
     assert stopped[0][-1] == eos and len(stopped[0]) <= 4
     with pytest.raises(ValueError):
         generate(model, [[]], 4)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+@torch.no_grad()
+def test_bf16_absorbed_weight_products_run_in_float32_where_cpu_bf16_is_emulated(monkeypatch, emulated):
+    """On CPUs without native bf16 (AVX2), W_UK / W_UV are applied in float32 from a float32 copy kept between steps
+    (bf16 batched matmuls at one row are several times slower there); with native bf16 they stay bf16. Either way
+    bf16 decode stays close to the float32 model, and a weight update (training between generations) is seen."""
+    import dsv2.model.attention as att
+
+    monkeypatch.setattr(att, "_cpu_bf16_is_emulated", lambda: emulated)
+    model = _model()
+    ids = torch.randint(0, 512, (2, 12))
+    want = model(ids)[:, -1]
+    model = model.bfloat16()
+    model.attn_impl = "absorb"
+    dtypes, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, **k: dtypes.append((a.dtype, b.dtype)) or bmm(a, b, **k))
+    cache = model.new_cache(2, 16)
+    model(ids[:, :11], cache=cache)
+    got = model(ids[:, 11:], cache=cache)[:, -1].float()
+    L = model.config.num_hidden_layers
+    weight_products = [d for i, d in enumerate(dtypes) if i % 4 in (0, 3)]  # q @ W_UK and out_latent @ W_UV^T
+    assert len(dtypes) == 4 * 2 * L
+    assert set(weight_products) == {(torch.float32, torch.float32) if emulated else (torch.bfloat16, torch.bfloat16)}
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    attn = model.model.layers[0].self_attn
+    w_uk = attn.absorbed_weights(torch.float32)[0]
+    assert attn.absorbed_weights(torch.float32)[0] is w_uk  # kept between steps
+    attn.kv_b_proj.weight.mul_(2)  # an in-place update (an optimizer step) must not leave a stale copy
+    assert torch.allclose(attn.absorbed_weights(torch.float32)[0], 2 * w_uk)

@@ -9,7 +9,9 @@ Per token, MLA caches only the normalised KV latent c_KV [kv_lora_rank] and the 
 - absorb: fold W_UK into the query and W_UV into the output, so [q_latent ; q_rope] is scored against the cached
   [c_KV ; k_rope] rows with one matmul and the weighted sum is taken over the latents; per-head K/V never exist.
   Cheapest for decode and chunked prefill. The absorbed weights are views of kv_b_proj's weight, prepared once
-  (FP8 weights are dequantized per call, into the compute dtype).
+  (FP8 weights are dequantized into the compute dtype and kept). With bf16 activations on a CPU without native
+  bf16 they are a float32 copy, kept while the weight is unchanged, and the two weight products run in float32:
+  there a one-row bf16 batched matmul is several times slower (`absorbed_dtype`).
 
 Everything that is the same for all layers of one forward (positions, RoPE factors, the key mask, where the
 cache writes go) is computed once, in `StepContext`, by the model's forward. Positions are per sequence:
@@ -29,6 +31,7 @@ the same cache protocol: its cache row per token per layer is [keys of all KV he
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -150,6 +153,27 @@ def linear_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return deq(dtype) if callable(deq) else mod.weight.to(dtype)
 
 
+@functools.cache
+def _cpu_bf16_is_emulated() -> bool:
+    """True on CPUs without native bf16 arithmetic (no AVX512-BF16 / AMX): there oneDNN's bf16 batched matmul at
+    one query row is ~4-10x slower than float32 (measured on this project's AVX2 machines: [16, 1, 128] x [16, 128,
+    512] 4.0 ms in bf16, 0.35 ms in float32), so MLA's absorbed weight products are taken in float32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return not (" avx512_bf16" in flags or " amx_bf16" in flags)
+
+
+def absorbed_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype MLA's absorbed products W_UK / W_UV run in for activations x: float32 for bf16 on CPUs that
+    emulate bf16 (eager mode; see _cpu_bf16_is_emulated), else x's own dtype."""
+    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _cpu_bf16_is_emulated()):
+        return torch.float32
+    return x.dtype
+
+
 class _Query(nn.Module):
     """The query side every attention variant shares: W_Q, or MLA's low-rank W_DQ -> RMSNorm -> W_UQ."""
 
@@ -206,7 +230,7 @@ class MLA(_Query):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
-        self._absorbed_views: tuple | None = None  # (source weight, W_UK, W_UV^T): views, rebuilt if the weight changes
+        self._absorbed_views: tuple | None = None  # (source weight, W_UK, W_UV^T, version of a copy or None for views)
 
     def project(self, x: torch.Tensor, ctx: StepContext):
         """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated), kv_rows [B, T, r + dr]
@@ -242,24 +266,28 @@ class MLA(_Query):
         return _sdpa(torch.cat([q_nope, q_rope], dim=-1), k, v, bias, causal, self.softmax_scale)  # [B, T, H, dv]
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, dn, r] and W_UV^T [H, r, dv] from kv_b_proj: views of a full-precision weight in `dtype` (kept
-        while the weight is the same tensor; a training step updates it in place, so the views follow), or a fresh
-        dequantization of an FP8 one into `dtype` (the compute dtype, so decode equals prefill)."""
+        """W_UK [H, dn, r] and W_UV^T [H, r, dv] from kv_b_proj in `dtype`: views of the weight when it has that
+        dtype (kept while it is the same tensor; a training step updates it in place, so the views follow), else a
+        converted copy kept while the weight is unchanged (same tensor, same version), or the FP8 weight dequantized
+        into `dtype` (FP8Linear keeps that copy the same way)."""
         src = getattr(self.kv_b_proj, "weight", None)
         cached = None if torch.compiler.is_compiling() else self._absorbed_views  # compiled code: plain views
-        if cached is not None and cached[0] is src and cached[1].dtype == dtype and src.dtype != torch.float8_e4m3fn:
+        fp8 = src is None or src.dtype == torch.float8_e4m3fn
+        if (cached is not None and not fp8 and cached[0] is src and cached[1].dtype == dtype
+                and cached[3] in (None, src._version)):
             return cached[1], cached[2]
         w = linear_weight(self.kv_b_proj, dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv_t = w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
-        if src is not None and src.dtype == dtype and not torch.compiler.is_compiling():
-            self._absorbed_views = (src, w_uk, w_uv_t)
+        if not fp8 and not torch.compiler.is_compiling():
+            self._absorbed_views = (src, w_uk, w_uv_t, None if src.dtype == dtype else src._version)
         return w_uk, w_uv_t
 
     def _absorbed(self, q_nope, q_rope, rows, bias):
         """Attention against the cached rows [B, S, r + dr]; bias [B, T, S] or None."""
         B, T, H, _ = q_nope.shape
-        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
-        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # [H, B*T, r]
+        wd = absorbed_dtype(q_nope)
+        w_uk, w_uv_t = self.absorbed_weights(wd)
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1).to(wd), w_uk).to(q_nope.dtype)  # [H, B*T, r]
         q_cat = torch.cat([q_latent.transpose(0, 1).reshape(B, T * H, -1), q_rope.reshape(B, T * H, -1)], dim=-1)
         if T == 1 and bias is not None:  # [B, 1, S] broadcasts over the heads: mask, scale and scores in one op
             scores = torch.baddbmm(bias.to(rows.dtype), q_cat, rows.transpose(1, 2), alpha=self.softmax_scale)
@@ -271,8 +299,8 @@ class MLA(_Query):
         if probs.dtype != rows.dtype:
             probs = probs.to(rows.dtype)
         out_latent = torch.bmm(probs, rows[..., : self.kv_lora_rank])  # [B, T*H, r]
-        out = torch.bmm(out_latent.view(B * T, H, -1).transpose(0, 1), w_uv_t)  # [H, B*T, dv]
-        return out.transpose(0, 1).reshape(B, T, H, -1)  # [B, T, H, dv]
+        out = torch.bmm(out_latent.view(B * T, H, -1).transpose(0, 1).to(wd), w_uv_t)  # [H, B*T, dv]
+        return out.transpose(0, 1).reshape(B, T, H, -1).to(q_nope.dtype)  # [B, T, H, dv]
 
 
 class GroupedQueryAttention(_Query):
