@@ -137,8 +137,9 @@ def test_fp8_weights_on_device_decode_like_the_cpu_reference_and_near_full_preci
 def test_fp8_tensor_core_matmul_with_block_scales(tmp_path):
     """torch._scaled_mm with DeepSeek's scales (activations 1x128 per token, weights 128x128): on sm90 it must run
     (no silent fallback) and stay within the activations' own e4m3 rounding of the dequantized product; elsewhere
-    the first call falls back to dequantize-then-matmul, exactly. Then a whole FP8 model whose linear layers take
-    it: decode logits equal prefill (per-token scales make rows independent) and stay near the CPU reference."""
+    the first call falls back to dequantize-then-matmul. Then a whole FP8 model whose linear layers take it: its
+    logits stay near the CPU reference, and the Engine's decode (one row per step; per-token scales make rows
+    independent) chooses what one prefill of the same tokens prefers."""
     import dsv2.model.fp8 as fp8
     from dsv2.model.fp8 import FP8Linear, dequantize_fp8_blockwise
 

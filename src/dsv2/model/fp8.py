@@ -212,6 +212,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
+# ---- modules -------------------------------------------------------------------------------------------------
 def apply_keeping_dtype(module: nn.Module, base_apply, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
     """nn.Module._apply for modules holding quantized buffers `names` (fp8 weights, float32 scales).
 
