@@ -153,9 +153,15 @@ def test_fp8_linear_matches_dequantized_and_full_precision():
     yb = m(xb)
     assert yb.dtype == torch.bfloat16
     assert torch.allclose(yb.float(), F.linear(xb, w_deq.bfloat16(), lin.bias.bfloat16()).float(), rtol=1e-2, atol=1e-2)
-    # Row-chunked forward: same numbers up to matmul rounding; chunks round up to whole blocks.
+    # Row-chunked forward (the dequantize path: kernel off): same numbers up to matmul rounding; chunks round up to
+    # whole blocks, so no dequantized copy has more than 128 of the 200 rows.
     m.chunk_rows = 100
-    assert torch.allclose(m(x), F.linear(x, w_deq, lin.bias), rtol=1e-5, atol=1e-5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fp8_cpu, "available", lambda: False)
+        rows, deq = [], fp8.dequantize_fp8_blockwise
+        mp.setattr(fp8, "dequantize_fp8_blockwise", lambda w, *a: rows.append(w.shape[0]) or deq(w, *a))
+        assert torch.allclose(m(x), F.linear(x, w_deq, lin.bias), rtol=1e-5, atol=1e-5)
+    assert rows == [128, 72]
     assert "float8_e4m3fn" in repr(m) and "block=128x128" in repr(m)
 
 
@@ -381,6 +387,11 @@ def test_fp8_linear_uses_scaled_mm_where_it_runs_and_falls_back_once_where_refus
 
 def test_scaled_mm_is_not_tried_on_cpu_or_for_unfit_shapes():
     w = torch.zeros(128, 256, dtype=FP8_DTYPE)
-    assert fp8._scaled_mm_state(torch.randn(2, 256), w, 128) is False  # CPU: the kernel or dequantize
-    meta = torch.empty(2, 200, device="meta")
-    assert fp8._scaled_mm_state(meta, torch.zeros(128, 200, dtype=FP8_DTYPE), 128) is False
+    x = torch.randn(2, 256)
+    assert fp8._scaled_mm_fits(x, w, 128)
+    assert fp8._scaled_mm_state(x, w, 128) is False  # CPU: the kernel or dequantize
+    assert not fp8._scaled_mm_fits(torch.randn(2, 200), torch.zeros(128, 200, dtype=FP8_DTYPE), 128)  # K % 128
+    assert not fp8._scaled_mm_fits(x, torch.zeros(120, 256, dtype=FP8_DTYPE), 128)  # N % 16
+    assert not fp8._scaled_mm_fits(x, w, 64)  # other blocks
+    assert not fp8._scaled_mm_fits(x.half(), w, 128)
+    assert not fp8._scaled_mm_fits(x.requires_grad_(), w, 128)  # no backward through it

@@ -147,10 +147,16 @@ def quantize_activations(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Ten
     return q.view(M, K), s
 
 
+def _scaled_mm_fits(x: torch.Tensor, weight: torch.Tensor, block: int) -> bool:
+    """Whether x @ W^T has what torch._scaled_mm with block scales takes: 128-blocks, K a multiple of 128, N of 16,
+    bf16/float32 activations, no autograd through x (it has no backward)."""
+    return (block == BLOCK and x.dtype in (torch.bfloat16, torch.float32) and weight.shape[1] % BLOCK == 0
+            and weight.shape[0] % 16 == 0 and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def _scaled_mm_state(x: torch.Tensor, weight: torch.Tensor, block: int) -> bool | None:
     """True: use torch._scaled_mm (it ran here before); None: try it (first call on this device); False: don't."""
-    if (x.device.type != "cuda" or block != BLOCK or x.dtype not in (torch.bfloat16, torch.float32)
-            or weight.shape[1] % BLOCK or weight.shape[0] % 16 or (torch.is_grad_enabled() and x.requires_grad)
+    if (x.device.type != "cuda" or not _scaled_mm_fits(x, weight, block)
             or os.environ.get("DSV2_FP8_MATMUL", "1") == "0" or not hasattr(torch, "_scaled_mm")):
         return False
     key = (x.device.type, x.device.index)
@@ -182,34 +188,48 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor
     return y.view(*x.shape[:-1], N)
 
 
+def _dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: int,
+                        bias: torch.Tensor | None, chunk_rows: int | None) -> torch.Tensor:
+    """F.linear with W dequantized into x's dtype; with chunk_rows, a chunk of rows (rounded up to whole scale
+    blocks) at a time, so the transient dense copy is at most chunk_rows x in."""
+    bias = None if bias is None else bias.to(x.dtype)
+    if chunk_rows is None or chunk_rows >= weight.shape[0]:
+        return F.linear(x, dequantize_fp8_blockwise(weight, scale_inv, block, x.dtype), bias)
+    step = math.ceil(chunk_rows / block) * block  # chunks align with scale rows
+    outs = [F.linear(x, dequantize_fp8_blockwise(weight[r0:r0 + step], scale_inv[r0 // block:(r0 + step) // block],
+                                                 block, x.dtype), None if bias is None else bias[r0:r0 + step])
+            for r0 in range(0, weight.shape[0], step)]
+    return torch.cat(outs, dim=-1)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
     """x [..., in] @ W^T (+ bias) -> [..., out] in x's dtype, W [out, in] FP8 with block scales: the CPU kernel where
     it runs (float32 accumulation, then cast), FP8 tensor cores through torch._scaled_mm on GPUs that take block
     scales (activations quantized per token and 128 channels, as DeepSeek's inference does), else dequantize into
-    x's dtype and F.linear."""
-    if not _cpu_kernel(x):
-        state = _scaled_mm_state(x, weight, block)
-        if state is not False:
-            try:
-                y = fp8_scaled_mm(x, weight, scale_inv, bias, block)
-            except RuntimeError as e:
-                if state:  # it ran before on this device: a real error, not a refusal
-                    raise
-                _SCALED_MM[(x.device.type, x.device.index)] = False
-                warnings.warn(f"dsv2: FP8 matmul with block scales is not available on {x.device} "
-                              f"({str(e).splitlines()[0][:200]}); FP8 weights are dequantized per call instead")
-            else:
-                _SCALED_MM[(x.device.type, x.device.index)] = True
-                return y
-        return F.linear(x, dequantize_fp8_blockwise(weight, scale_inv, block, x.dtype),
-                        None if bias is None else bias.to(x.dtype))
-    x2 = x.reshape(-1, x.shape[-1])
-    y = fp8_cpu.fp8_linear_into(x2, weight, scale_inv, block, x2.new_empty(x2.shape[0], weight.shape[0],
-                                                                           dtype=torch.float32))
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    x's dtype and F.linear (`chunk_rows` rows at a time, if given)."""
+    if _cpu_kernel(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = fp8_cpu.fp8_linear_into(x2, weight, scale_inv, block,
+                                    x2.new_empty(x2.shape[0], weight.shape[0], dtype=torch.float32))
+        if bias is not None:
+            y += bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    state = _scaled_mm_state(x, weight, block)
+    if state is not False:
+        key = (x.device.type, x.device.index)
+        try:
+            y = fp8_scaled_mm(x, weight, scale_inv, bias, block)
+        except RuntimeError as e:
+            if state:  # it ran before on this device: a real error, not a refusal
+                raise
+            _SCALED_MM[key] = False
+            warnings.warn(f"dsv2: FP8 matmul with block scales is not available on {x.device} "
+                          f"({str(e).splitlines()[0][:200]}); FP8 weights are dequantized per call instead")
+        else:
+            _SCALED_MM[key] = True
+            return y
+    return _dequantized_linear(x, weight, scale_inv, block, bias, chunk_rows)
 
 
 # ---- modules -------------------------------------------------------------------------------------------------
@@ -237,10 +257,10 @@ class FP8Linear(nn.Module):
     `weight` and `weight_scale_inv` are buffers (never trained) named as in DeepSeek's FP8 checkpoints, so
     `state_dict()` / `load_state_dict()` speak that format directly.
 
-    forward() is `fp8_linear`: on CPU the kernel reads the FP8 weight directly; elsewhere W is dequantized
-    into x's dtype for the call. `chunk_rows` (None = whole weight at once) bounds that transient to
-    chunk_rows x in: rows are dequantized and multiplied a chunk at a time (results then match the unchunked
-    path to matmul rounding, not bit for bit). `dequantized_weight` (MLA's weight absorption asks for
+    forward() is `fp8_linear`: on CPU the kernel reads the FP8 weight directly, on sm90 GPUs FP8 tensor cores
+    multiply it; elsewhere W is dequantized into x's dtype for the call. `chunk_rows` (None = whole weight at once)
+    bounds that transient to chunk_rows x in: rows are dequantized and multiplied a chunk at a time (results then
+    match the unchunked path to matmul rounding, not bit for bit). `dequantized_weight` (MLA's weight absorption asks for
     kv_b_proj's matrix on every decode step) keeps its last result while the FP8 weight is unchanged.
     """
 
@@ -298,17 +318,7 @@ class FP8Linear(nn.Module):
         return self._dense[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
-        if self.chunk_rows is None or self.chunk_rows >= self.out_features or _cpu_kernel(x):
-            return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        step = math.ceil(self.chunk_rows / self.block) * self.block  # chunks align with scale rows
-        outs = []
-        for r0 in range(0, self.out_features, step):
-            w = dequantize_fp8_blockwise(self.weight[r0:r0 + step],  # [<=step, in]
-                                         self.weight_scale_inv[r0 // self.block:(r0 + step) // self.block],
-                                         self.block, x.dtype)
-            outs.append(F.linear(x, w, None if bias is None else bias[r0:r0 + step]))
-        return torch.cat(outs, dim=-1)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias, self.chunk_rows)
 
     def nbytes(self) -> int:
         """Bytes held by this module: fp8 weight + float32 scales (+ bias)."""
