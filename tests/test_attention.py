@@ -127,14 +127,17 @@ def test_bf16_absorbed_weight_products_run_in_float32_where_cpu_bf16_is_emulated
     want = model(ids)[:, -1]
     model = model.bfloat16()
     model.attn_impl = "absorb"
-    dtypes, bmm = [], torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda a, b, **k: dtypes.append((a.dtype, b.dtype)) or bmm(a, b, **k))
+    cfg = model.config
+    w_shapes = {(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank),  # W_UK
+                (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.v_head_dim)}  # W_UV^T
+    calls, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, **k: calls.append((a.dtype, b.dtype, tuple(b.shape)))
+                        or bmm(a, b, **k))
     cache = model.new_cache(2, 16)
     model(ids[:, :11], cache=cache)
     got = model(ids[:, 11:], cache=cache)[:, -1].float()
-    L = model.config.num_hidden_layers
-    weight_products = [d for i, d in enumerate(dtypes) if i % 4 in (0, 3)]  # q @ W_UK and out_latent @ W_UV^T
-    assert len(dtypes) == 4 * 2 * L
+    weight_products = [(a, b) for a, b, shape in calls if shape in w_shapes]
+    assert len(weight_products) == 2 * 2 * cfg.num_hidden_layers  # two per layer, in prefill and in decode
     assert set(weight_products) == {(torch.float32, torch.float32) if emulated else (torch.bfloat16, torch.bfloat16)}
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     attn = model.model.layers[0].self_attn
