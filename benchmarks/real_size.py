@@ -35,7 +35,7 @@ from common import save, table
 from dsv2 import ModelConfig, generate
 from dsv2.checkpoint import load_checkpoint
 from dsv2.init import init_checkpoint
-from dsv2.model import fp8_cpu
+from dsv2.model import attention, fp8_cpu
 from dsv2.model.fp8 import FP8Linear, FP8RoutedExperts, fp8_linear, quantize_fp8_blockwise, weight_nbytes
 from dsv2.model.moe import RoutedExperts
 
@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--skip-load", action="store_true", help="no load figures (decode only)")
     ap.add_argument("--compare-dequantize", action="store_true",
                     help="also decode at batch 1 with the FP8 CPU kernel switched off (dequantize, then matmul)")
+    ap.add_argument("--compare-bf16-absorbed", action="store_true",
+                    help="also decode at batch 1 with MLA's absorbed W_UK/W_UV products in bf16 (not float32)")
     ap.add_argument("--out", default="real_size", help="results file name under benchmarks/results")
     args = ap.parse_args()
     if args.threads:
@@ -217,6 +219,17 @@ def main() -> None:
             fp8_cpu._lib = lib
         record["decode"]["decode_s_per_token_b1_dequantize"] = slow
         print(f"batch-1 decode without the kernel (dequantize, then matmul): {slow:.2f} s/token")
+    if args.compare_bf16_absorbed and attention.absorbed_dtype(torch.zeros(1, dtype=torch.bfloat16)) != torch.bfloat16:
+        same = attention.absorbed_dtype
+        attention.absorbed_dtype = lambda x: x.dtype  # what ran before: the products in the activations' bf16
+        try:
+            bf16 = run_decode(model, 32, args.new_tokens, 1)["decode_s_per_token_b1"]
+        finally:
+            attention.absorbed_dtype = same
+        fp32 = run_decode(model, 32, args.new_tokens, 1)["decode_s_per_token_b1"]
+        record["decode"].update(decode_s_per_token_b1_absorbed_bf16=bf16, decode_s_per_token_b1_absorbed_fp32=fp32)
+        print(f"batch-1 decode, absorbed products in bf16: {bf16:.3f} s/token; in float32 (the default here): "
+              f"{fp32:.3f} s/token")
     rows = [{"figure": "prefill tokens/s", "measured": dec["prefill_tok_s"], "bound": None},
             {"figure": "decode s/token, batch 1", "measured": dec["decode_s_per_token_b1"],
              "bound": bounds[1]["bound_s"]},

@@ -156,8 +156,8 @@ def linear_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 @functools.cache
 def _cpu_bf16_is_emulated() -> bool:
     """True on CPUs without native bf16 arithmetic (no AVX512-BF16 / AMX): there oneDNN's bf16 batched matmul at
-    one query row is ~4-10x slower than float32 (measured on this project's AVX2 machines: [16, 1, 128] x [16, 128,
-    512] 4.0 ms in bf16, 0.35 ms in float32), so MLA's absorbed weight products are taken in float32."""
+    one query row is several times slower than float32, so MLA's absorbed weight products are taken in float32
+    (`benchmarks/real_size.py --compare-bf16-absorbed` decodes both ways)."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
