@@ -400,6 +400,24 @@ def random_needle(rng: np.random.Generator) -> tuple[str, str]:
     return key, str(int(rng.integers(10000, 100000)))
 
 
+COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def copy_block(tokenizer, length: int, rng: np.random.Generator, min_span: int = 8, max_span: int = 32
+               ) -> np.ndarray:
+    """One training sequence of `length` token ids that only a model able to look back can predict: bos, then
+    random spans (min_span..max_span tokens, each a lowercase letter or digit: the characters of the needles' keys
+    and values), each followed at once by a copy of itself. The second half of a pair is predictable only by
+    finding the current token earlier and copying what followed it (the induction pattern behind retrieval, which
+    a small model trained briefly on code lacks); the random span lengths leave no fixed offset to attend to."""
+    alphabet = np.asarray([tokenizer.encode(c)[0] for c in COPY_ALPHABET])
+    out = [tokenizer.bos_id]
+    while len(out) < length:
+        span = alphabet[rng.integers(0, len(alphabet), int(rng.integers(min_span, max_span + 1)))].tolist()
+        out += span + span
+    return np.asarray(out[:length], dtype=np.int64)
+
+
 def kv_retrieval_block(tokens: np.ndarray, n_tokens: int, tokenizer, length: int, rng: np.random.Generator,
                        max_needles: int = 4) -> np.ndarray:
     """One training sequence of `length` token ids: bos, a window of corpus text (tokens[:n_tokens]) with 1 to

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsv2.cli import main
-from dsv2.eval.niah import build_trials, filler_tokens, retrieved, run_niah
+from dsv2.eval.niah import build_trials, copy_check, filler_tokens, retrieved, run_niah
 
 NEEDLE_RE = re.compile(r"# The secret number of (\w+) is (\d+)\.")
 
@@ -64,12 +64,31 @@ def test_grid_scores_forced_right_and_wrong_answers(tokenizer):
     assert sum(t["correct"] for t in res["trials"]) == 2 * 2 * 3
 
 
+def test_copy_check_scores_a_copier_and_a_model_that_does_not_look_back(tokenizer):
+    def induction(prompts):  # find the prompt's last 4 tokens earlier in it and continue as it continued there
+        out = []
+        for p in prompts:
+            at = next(i for i in range(len(p) - 4) if p[i:i + 4] == p[-4:])
+            out.append(p[at + 4:at + 12])
+        return out
+
+    def repeat_last(prompts):
+        return [[p[-1]] * 8 for p in prompts]
+
+    assert copy_check(tokenizer, induction, trials=12) == 1.0
+    assert copy_check(tokenizer, repeat_last, trials=12) == 0.0
+    half = iter(range(10**6))
+    assert copy_check(tokenizer, lambda ps: [induction([p])[0] if next(half) % 2 else [] for p in ps],
+                      trials=12) == 0.5
+
+
 def test_cli_runs_the_grid_on_the_engine(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "niah"
     assert main(["eval", "niah", "--model", str(tiny_checkpoint), "--lengths", "64,128", "--depths", "0,100",
                  "--trials", "2", "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "niah.json").read_text())
     assert res["lengths"] == [64, 128] and res["depths"] == [0, 100] and len(res["trials"]) == 8
+    assert 0.0 <= res["copy_accuracy"] <= 1.0 and "copy check:" in capsys.readouterr().out
     assert (out / "niah.png").stat().st_size > 1000
     assert main(["eval", "niah", "--model", str(tiny_checkpoint), "--lengths", "250"]) == 2
     assert "leave no room to answer" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from dsv2.checkpoint import load_checkpoint, load_config
 from dsv2.cli import main
 from dsv2.config import ModelConfig
-from dsv2.data import kv_retrieval_block
+from dsv2.data import COPY_ALPHABET, copy_block, kv_retrieval_block
 from dsv2.model.rope import rope_frequencies, softmax_scale
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.extend import ExtendRecipe, extend, rope_overrides, trained_length
@@ -73,8 +73,9 @@ def base_ckpt(recipe, tmp_path):
 
 def _extend_recipe(recipe, base, **kw) -> ExtendRecipe:
     fields = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
-    fields.update(init_from=str(base), tokenizer=None, seq_len=64, batch_size=2, max_steps=2, factor=2.0,
-                  kv_fraction=0.5, kv_max_needles=1, eval_every=2, save_every=2, eval_batches=1)
+    fields.update(init_from=str(base), tokenizer=None, seq_len=64, batch_size=4, max_steps=2, factor=2.0,
+                  kv_fraction=0.25, copy_fraction=0.25, kv_max_needles=1, eval_every=2, save_every=2,
+                  eval_batches=1)
     fields.update(kw)
     return ExtendRecipe(**fields)
 
@@ -121,11 +122,29 @@ def test_retrieval_sequences_hold_needles_then_their_questions_and_answers(token
         assert text.rstrip().endswith(f"{asked[-1][1]}.")  # the questions close the sequence
 
 
+def test_copy_sequences_are_random_spans_each_followed_by_its_copy(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    alphabet = {tok.encode(c)[0] for c in COPY_ALPHABET}
+    spans = []
+    for seed in range(4):
+        block = copy_block(tok, 300, np.random.default_rng(seed))
+        assert block.shape == (300,) and block[0] == tok.bos_id
+        body, i = block[1:].tolist(), 0
+        assert set(body) <= alphabet
+        while len(body) - i >= 2 * 32:  # whole pairs: a span of 8..32 tokens, then the same span
+            n = next(n for n in range(8, 33) if body[i:i + n] == body[i + n:i + 2 * n])
+            spans.append(n)
+            i += 2 * n
+    assert len(spans) >= 4 and len(set(spans)) > 2  # random lengths: no fixed offset to attend to, only content
+
+
 def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
     assert main(["extend", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
     assert capsys.readouterr().err.strip() == ("error: extend needs --init-from CKPT: the checkpoint whose context to "
                                                "extend")
     with pytest.raises(ValueError, match="rope must be yarn, pi or none"):
         ExtendRecipe(rope="ntk").validate()
+    with pytest.raises(ValueError, match="copy_fraction must be in"):
+        ExtendRecipe(kv_fraction=0.6, copy_fraction=0.5).validate()
     with pytest.raises(ValueError, match="factor must be >= 1"):
         ExtendRecipe(factor=0.5).validate()

@@ -9,6 +9,10 @@ key's 5-digit value (data.py NEEDLE) inserted d% of the way into the filler, the
 All prompts run batched on the Engine with greedy decoding; a trial counts as retrieved when the first number the
 model writes is exactly the value. Writes niah.json (the accuracy table and every trial) and niah.png (heat map:
 depth x length, accuracy 0-1).
+
+It also runs a copy check (`copy_check`): can the model continue a random string it has already seen in the prompt?
+Retrieval is that skill plus a key to find; a model that fails it (the demo model, trained briefly on code) cannot
+retrieve at any length, and the check says so, so a zero grid is not mistaken for a context-length problem.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dsv2.data import NEEDLE, QUESTION, iter_corpus_texts, random_needle
+from dsv2.data import NEEDLE, QUESTION, copy_block, iter_corpus_texts, random_needle
 
 DEFAULT_DEPTHS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 
@@ -116,6 +120,19 @@ def run_niah(tokenizer, generate: Callable[[list[list[int]]], list[list[int]]], 
             "trials": [{k: v for k, v in asdict(c).items() if k != "prompt"} for c in cases]}
 
 
+def copy_check(tokenizer, generate: Callable[[list[list[int]]], list[list[int]]], trials: int = 16,
+               span: int = 16, shown: int = 4, expect: int = 8, seed: int = 0) -> float:
+    """Can the model copy from its context at all? Share of `trials` prompts, bos + a random span of `span` letters
+    and digits (data.py copy_block) + the span's first `shown` tokens, whose greedy continuation starts with the
+    span's next `expect` tokens. Retrieval needs this (the induction pattern: find the current tokens earlier,
+    copy what followed); a model near 0 here scores 0 on every needle whatever its context length."""
+    rng = np.random.default_rng(seed)
+    blocks = [copy_block(tokenizer, 1 + 2 * span, rng, span, span).tolist() for _ in range(trials)]
+    cut = 1 + span + shown
+    outs = generate([b[:cut] for b in blocks])
+    return float(np.mean([list(o[:expect]) == b[cut:cut + expect] for o, b in zip(outs, blocks)]))
+
+
 def plot_niah(result: dict, path: str | Path, title: str = "needle in a haystack") -> None:
     """Heat map like the paper's figure 4: needle depth (rows) x context length (columns), green = retrieved."""
     import matplotlib
@@ -177,11 +194,15 @@ def _command(args) -> int:
     engine.prefill_chunk = max(engine.prefill_chunk, max(lengths))
     res = run_niah(tok, engine_generate(engine, 8, not args.no_progress), lengths, depths, args.trials, args.seed,
                    args.corpus)
+    res["copy_accuracy"] = copy_check(tok, engine_generate(engine, 8, False), seed=args.seed)
     res["model"] = str(args.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "niah.json").write_text(json.dumps(res, indent=1) + "\n")
     plot_niah(res, out / "niah.png", f"NIAH: {Path(args.model).name}")
     print("length  " + "  ".join(f"{n:>6}" for n in res["lengths"]))
     print("accuracy" + "  ".join(f"{res['mean'][str(n)]:>6.2f}" for n in res["lengths"]))
+    print(f"copy check: {res['copy_accuracy']:.2f} of random letter/digit strings continued from their earlier "
+          "copy" + ("" if res["copy_accuracy"] >= 0.5 else " (retrieval needs this; this model barely copies from "
+                    "its context, see docs/long_context.md)"))
     print(f"wrote {out / 'niah.json'} and {out / 'niah.png'}")
     return 0
