@@ -144,7 +144,7 @@ def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
                                                "extend")
     with pytest.raises(ValueError, match="rope must be yarn, pi or none"):
         ExtendRecipe(rope="ntk").validate()
-    with pytest.raises(ValueError, match="copy_fraction must be in"):
+    with pytest.raises(ValueError, match=r"kv_fraction \+ copy_fraction must be at most 1"):
         ExtendRecipe(kv_fraction=0.6, copy_fraction=0.5).validate()
     with pytest.raises(ValueError, match="factor must be >= 1"):
         ExtendRecipe(factor=0.5).validate()

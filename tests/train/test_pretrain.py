@@ -78,8 +78,9 @@ def test_run_writes_checkpoints_metrics_and_plots(recipe, tmp_path):
 
 
 def test_resume_is_exact(recipe, tmp_path):
-    """2N steps straight == N steps, stop, resume N more: identical losses and weights (CPU, float32)."""
-    r = dataclasses.replace(recipe, micro_batch_size=4, batch_size_start=4, batch_ramp_steps=4)  # accum + ramp
+    """2N steps straight == N steps, stop, resume N more: identical losses and weights (CPU, float32); with
+    accumulation, a batch-size ramp and a share of synthetic copy sequences (their count is part of the state)."""
+    r = dataclasses.replace(recipe, micro_batch_size=4, batch_size_start=4, batch_ramp_steps=4, copy_fraction=0.25)
     pretrain(r, tmp_path / "straight", progress=False)
     first = pretrain(r, tmp_path / "resumed", stop_after=3, progress=False)
     assert first["stopped_by"] == "stop_after" and latest_checkpoint(tmp_path / "resumed").name == "step-00000003"

@@ -35,7 +35,7 @@ import torch
 
 from dsv2.checkpoint import load_config
 from dsv2.config import PRESETS
-from dsv2.data import copy_block, kv_retrieval_block
+from dsv2.data import kv_retrieval_block
 from dsv2.train.pretrain import Pretrain
 from dsv2.train.recipe import Recipe, _need
 from dsv2.train.run import Run, add_run_arguments, read_trainer_state, run_command, train
@@ -54,7 +54,6 @@ class ExtendRecipe(Recipe):
     mscale_all_dim: float = 0.707  # YaRN: softmax scale times mscale(S, mscale_all_dim)^2
     kv_fraction: float = 0.0  # share of each batch from the synthetic key-value retrieval corpus (0: none)
     kv_max_needles: int = 4  # needles per retrieval sequence (1 to this many)
-    copy_fraction: float = 0.0  # share of each batch from synthetic repeated random strings (induction; 0: none)
 
     def validate(self) -> None:
         super().validate()
@@ -62,8 +61,8 @@ class ExtendRecipe(Recipe):
         _need(self.factor >= 1, f"factor must be >= 1, got {self.factor}")
         _need(self.original_max >= 0, f"original_max must be >= 0, got {self.original_max}")
         _need(0 <= self.kv_fraction <= 1, f"kv_fraction must be in [0, 1], got {self.kv_fraction}")
-        _need(0 <= self.copy_fraction <= 1 and self.kv_fraction + self.copy_fraction <= 1,
-              f"copy_fraction must be in [0, 1 - kv_fraction], got {self.copy_fraction}")
+        _need(self.kv_fraction + self.copy_fraction <= 1,
+              f"kv_fraction + copy_fraction must be at most 1, got {self.kv_fraction} + {self.copy_fraction}")
         _need(self.kv_max_needles >= 1, f"kv_max_needles must be >= 1, got {self.kv_max_needles}")
 
 
@@ -100,17 +99,14 @@ class Extend(Pretrain):
 
     def setup(self, run: Run) -> None:
         super().setup(run)
-        self.kv_drawn = self.copy_drawn = 0
+        self.kv_drawn = 0
         ds = self.loader.dataset
         self.kv_tokens = ds.n_train * (ds.seq_len + 1)  # retrieval filler comes from the training blocks only
 
     def micro_batches(self, run: Run, batch_size: int):
         r, ws, rank = run.r, run.d.world_size, run.d.rank
         n_kv = int(round(batch_size * r.kv_fraction / ws)) * ws  # divisible by the number of processes
-        n_copy = min(int(round(batch_size * r.copy_fraction / ws)) * ws, batch_size - n_kv)
-        parts = []
-        if batch_size > n_kv + n_copy:
-            parts.append(self.loader.next_batch(batch_size - n_kv - n_copy))
+        parts = self.batch_parts(run, batch_size, reserved=n_kv)  # corpus blocks and copy sequences
         if n_kv:
             local = n_kv // ws
             first = self.kv_drawn + rank * local
@@ -121,23 +117,15 @@ class Extend(Pretrain):
             x = torch.from_numpy(blocks)
             parts.append((x[:, :-1], x[:, 1:]))
             self.kv_drawn += n_kv
-        if n_copy:
-            local = n_copy // ws
-            first = self.copy_drawn + rank * local
-            x = torch.from_numpy(np.stack([copy_block(run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)))
-                                           for i in range(first, first + local)]))
-            parts.append((x[:, :-1], x[:, 1:]))
-            self.copy_drawn += n_copy
         return run.micro_split(*(torch.cat(t) for t in zip(*parts)))
 
     def state_dict(self) -> dict:
-        return {**self.loader.state_dict(), "kv_drawn": self.kv_drawn, "copy_drawn": self.copy_drawn}
+        return {**super().state_dict(), "kv_drawn": self.kv_drawn}
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         self.kv_drawn = state.pop("kv_drawn", 0)
-        self.copy_drawn = state.pop("copy_drawn", 0)
-        self.loader.load_state_dict(state)
+        super().load_state_dict(state)
 
 
 def extend(recipe: ExtendRecipe, out: str | Path, resume: bool = False, stop_after: int | None = None,

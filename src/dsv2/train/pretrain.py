@@ -13,6 +13,11 @@ The run directory holds everything (the run core's layout, see train/run.py), pl
 
 A micro-batch's loss is next-token cross-entropy plus the MoE balance losses (expert, device, communication);
 the held-out blocks give eval_loss and eval_ppl. The data position is the BatchLoader's (epoch, position).
+
+`--copy-fraction F` replaces that share of every batch by synthetic copy sequences (data.py copy_block: random
+letter/digit spans, each followed by its copy), the induction pattern behind in-context copying and retrieval,
+which a small model trained briefly on text may not form (`dsv2 eval niah` checks it). Sequence i is drawn from
+the generator seeded (seed, i, 1), and the number drawn is part of the data position, so resume is exact.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv2.config import PRESETS
-from dsv2.data import BatchLoader, PackedDataset, build_token_file, iter_corpus_texts
+from dsv2.data import BatchLoader, PackedDataset, build_token_file, copy_block, iter_corpus_texts
 from dsv2.tokenizer import Tokenizer, train_tokenizer
 from dsv2.train import parallel
 from dsv2.train.recipe import Recipe
@@ -72,9 +77,27 @@ class Pretrain(Stage):
                     f"{stats['tokens']:,} tokens{' (cached)' if stats['reused'] else ''}; {ds.n_train} train / "
                     f"{ds.n_val} held-out blocks of {r.seq_len} tokens")
         self.loader = BatchLoader(ds, seed=r.seed, rank=d.rank, world_size=d.world_size)
+        self.copy_drawn = 0
 
     def micro_batches(self, run: Run, batch_size: int):
-        return run.micro_split(*self.loader.next_batch(batch_size))  # this rank's [B / world_size, T] x 2
+        return run.micro_split(*(torch.cat(t) for t in zip(*self.batch_parts(run, batch_size))))
+
+    def batch_parts(self, run: Run, batch_size: int, reserved: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of a global batch of `batch_size` sequences, as (inputs, targets) parts: corpus blocks,
+        then a copy_fraction share of copy sequences; `reserved` sequences are left for the caller to add."""
+        r, ws = run.r, run.d.world_size
+        n_copy = min(int(round(batch_size * r.copy_fraction / ws)) * ws, batch_size - reserved)
+        parts = []
+        if batch_size - reserved - n_copy > 0:
+            parts.append(self.loader.next_batch(batch_size - reserved - n_copy))  # [B' / world_size, T] x 2
+        if n_copy:
+            local = n_copy // ws
+            first = self.copy_drawn + run.d.rank * local
+            x = torch.from_numpy(np.stack([copy_block(run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)))
+                                           for i in range(first, first + local)]))
+            parts.append((x[:, :-1], x[:, 1:]))
+            self.copy_drawn += n_copy
+        return parts
 
     def loss(self, run: Run, batch) -> dict[str, torch.Tensor]:
         x, y = batch
@@ -106,9 +129,11 @@ class Pretrain(Stage):
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def state_dict(self) -> dict:
-        return self.loader.state_dict()
+        return {**self.loader.state_dict(), "copy_drawn": self.copy_drawn}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.copy_drawn = state.pop("copy_drawn", 0)
         self.loader.load_state_dict(state)
 
 

@@ -109,10 +109,12 @@ class Recipe(RunRecipe):
     max_bytes: int | None = None  # use at most this much text
     tokenizer_max_bytes: int | None = 50_000_000  # text used to train a tokenizer when none is given
     val_fraction: float = 0.005
+    copy_fraction: float = 0.0  # share of each batch from synthetic copy sequences (data.copy_block; 0: none)
 
     def validate(self) -> None:
         super().validate()
         _need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _need(0 <= self.copy_fraction <= 1, f"copy_fraction must be in [0, 1], got {self.copy_fraction}")
 
 
 def load_toml(path: str | Path) -> dict:
