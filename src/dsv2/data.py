@@ -13,6 +13,7 @@ as in the paper's pretraining; the last blocks are held out for validation.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -403,6 +404,12 @@ def random_needle(rng: np.random.Generator) -> tuple[str, str]:
 COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
+@functools.lru_cache(maxsize=8)
+def _copy_alphabet(tokenizer) -> np.ndarray:
+    """The token id of each COPY_ALPHABET character on its own (encoded once per tokenizer, not per sequence)."""
+    return np.asarray([tokenizer.encode(c)[0] for c in COPY_ALPHABET])
+
+
 def copy_block(tokenizer, length: int, rng: np.random.Generator, min_span: int = 8, max_span: int = 32
                ) -> np.ndarray:
     """One training sequence of `length` token ids that only a model able to look back can predict: bos, then
@@ -410,7 +417,7 @@ def copy_block(tokenizer, length: int, rng: np.random.Generator, min_span: int =
     and values), each followed at once by a copy of itself. The second half of a pair is predictable only by
     finding the current token earlier and copying what followed it (the induction pattern behind retrieval, which
     a small model trained briefly on code lacks); the random span lengths leave no fixed offset to attend to."""
-    alphabet = np.asarray([tokenizer.encode(c)[0] for c in COPY_ALPHABET])
+    alphabet = _copy_alphabet(tokenizer)
     out = [tokenizer.bos_id]
     while len(out) < length:
         span = alphabet[rng.integers(0, len(alphabet), int(rng.integers(min_span, max_span + 1)))].tolist()

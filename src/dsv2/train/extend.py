@@ -36,7 +36,7 @@ import torch
 from dsv2.checkpoint import load_config
 from dsv2.config import PRESETS
 from dsv2.data import kv_retrieval_block
-from dsv2.train.pretrain import Pretrain
+from dsv2.train.pretrain import Pretrain, synthetic_part
 from dsv2.train.recipe import Recipe, _need
 from dsv2.train.run import Run, add_run_arguments, read_trainer_state, run_command, train
 from dsv2.train.state import STATE_JSON
@@ -104,18 +104,13 @@ class Extend(Pretrain):
         self.kv_tokens = ds.n_train * (ds.seq_len + 1)  # retrieval filler comes from the training blocks only
 
     def micro_batches(self, run: Run, batch_size: int):
-        r, ws, rank = run.r, run.d.world_size, run.d.rank
+        r, ws = run.r, run.d.world_size
         n_kv = int(round(batch_size * r.kv_fraction / ws)) * ws  # divisible by the number of processes
         parts = self.batch_parts(run, batch_size, reserved=n_kv)  # corpus blocks and copy sequences
         if n_kv:
-            local = n_kv // ws
-            first = self.kv_drawn + rank * local
-            blocks = np.stack([kv_retrieval_block(self.loader.dataset.tokens, self.kv_tokens, run.tok,
-                                                  r.seq_len + 1, np.random.default_rng((r.seed, i)),
-                                                  r.kv_max_needles)
-                               for i in range(first, first + local)])
-            x = torch.from_numpy(blocks)
-            parts.append((x[:, :-1], x[:, 1:]))
+            parts.append(synthetic_part(run, n_kv, self.kv_drawn, lambda i: kv_retrieval_block(
+                self.loader.dataset.tokens, self.kv_tokens, run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i)),
+                r.kv_max_needles)))
             self.kv_drawn += n_kv
         return run.micro_split(*(torch.cat(t) for t in zip(*parts)))
 

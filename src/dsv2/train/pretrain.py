@@ -91,11 +91,8 @@ class Pretrain(Stage):
         if batch_size - reserved - n_copy > 0:
             parts.append(self.loader.next_batch(batch_size - reserved - n_copy))  # [B' / world_size, T] x 2
         if n_copy:
-            local = n_copy // ws
-            first = self.copy_drawn + run.d.rank * local
-            x = torch.from_numpy(np.stack([copy_block(run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)))
-                                           for i in range(first, first + local)]))
-            parts.append((x[:, :-1], x[:, 1:]))
+            parts.append(synthetic_part(run, n_copy, self.copy_drawn, lambda i: copy_block(
+                run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)))))
             self.copy_drawn += n_copy
         return parts
 
@@ -135,6 +132,15 @@ class Pretrain(Stage):
         state = dict(state)
         self.copy_drawn = state.pop("copy_drawn", 0)
         self.loader.load_state_dict(state)
+
+
+def synthetic_part(run: Run, n: int, drawn: int, make) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of n synthetic sequences (n divisible by the world size), numbered from `drawn` across
+    all ranks: make(i) -> seq_len + 1 token ids for sequence i. Returns (inputs, targets)."""
+    local = n // run.d.world_size
+    first = drawn + run.d.rank * local
+    x = torch.from_numpy(np.stack([make(i) for i in range(first, first + local)]))
+    return x[:, :-1], x[:, 1:]
 
 
 def pretrain(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int | None = None,
