@@ -17,7 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from dsv2.checkpoint import load_checkpoint, load_config
 from dsv2.cli import main
 from dsv2.config import ModelConfig
-from dsv2.data import COPY_ALPHABET, copy_block, kv_retrieval_block
+from dsv2.data import COPY_ALPHABET, copy_block, copy_palette, kv_retrieval_block
 from dsv2.model.rope import rope_frequencies, softmax_scale
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.extend import ExtendRecipe, extend, rope_overrides, trained_length
@@ -122,20 +122,31 @@ def test_retrieval_sequences_hold_needles_then_their_questions_and_answers(token
         assert text.rstrip().endswith(f"{asked[-1][1]}.")  # the questions close the sequence
 
 
-def test_copy_sequences_are_random_spans_each_followed_by_its_copy(tokenizer_dir):
+def test_copy_sequences_are_random_spans_each_repeated(tokenizer_dir):
     tok = Tokenizer.load(tokenizer_dir)
     alphabet = {tok.encode(c)[0] for c in COPY_ALPHABET}
-    spans = []
-    for seed in range(4):
-        block = copy_block(tok, 300, np.random.default_rng(seed))
-        assert block.shape == (300,) and block[0] == tok.bos_id
-        body, i = block[1:].tolist(), 0
-        assert set(body) <= alphabet
-        while len(body) - i >= 2 * 32:  # whole pairs: a span of 8..32 tokens, then the same span
-            n = next(n for n in range(8, 33) if body[i:i + n] == body[i + n:i + 2 * n])
-            spans.append(n)
-            i += 2 * n
-    assert len(spans) >= 4 and len(set(spans)) > 2  # random lengths: no fixed offset to attend to, only content
+    for repeats, vocab in ((4, 256), (2, 100), (3, None)):
+        palette = set(copy_palette(tok, vocab).tolist())
+        assert alphabet <= palette and len(palette) == (vocab or len(alphabet))  # letters and digits first
+        assert not palette & {tok.bos_id, tok.eos_id, tok.pad_id}
+        spans, seen = [], set()
+        for seed in range(4):
+            block = copy_block(tok, 400, np.random.default_rng(seed), repeats=repeats, vocab=vocab)
+            assert block.shape == (400,) and block[0] == tok.bos_id
+            body, i = block[1:].tolist(), 0
+            seen |= set(body)
+            while len(body) - i >= repeats * 32:  # whole groups: a span of 8..32 tokens, written `repeats` times
+                n = next(n for n in range(8, 33) if all(body[i:i + n] == body[i + k * n:i + (k + 1) * n]
+                                                        for k in range(1, repeats)))
+                assert body[i + repeats * n:i + (repeats + 1) * n] != body[i:i + n]  # then a new span
+                spans.append(n)
+                i += repeats * n
+        assert seen <= palette and len(seen) > len(palette) // 2  # drawn from the whole palette, nothing else
+        assert len(spans) >= 4 and len(set(spans)) > 2  # random lengths: no fixed offset to attend to, only content
+    with pytest.raises(ValueError, match="at least 2 repeats"):
+        copy_block(tok, 50, np.random.default_rng(0), repeats=1)
+    with pytest.raises(ValueError, match="copy vocabulary must be"):
+        copy_palette(tok, 10)
 
 
 def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
@@ -146,5 +157,9 @@ def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
         ExtendRecipe(rope="ntk").validate()
     with pytest.raises(ValueError, match=r"kv_fraction \+ copy_fraction must be at most 1"):
         ExtendRecipe(kv_fraction=0.6, copy_fraction=0.5).validate()
+    with pytest.raises(ValueError, match="copy_repeats must be at least 2"):
+        ExtendRecipe(copy_repeats=1).validate()
+    with pytest.raises(ValueError, match="copy_vocab must be at least 36"):
+        ExtendRecipe(copy_vocab=20).validate()
     with pytest.raises(ValueError, match="factor must be >= 1"):
         ExtendRecipe(factor=0.5).validate()

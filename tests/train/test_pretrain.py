@@ -92,6 +92,19 @@ def test_resume_is_exact(recipe, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_copy_sequences_follow_the_recipe(recipe, tmp_path, monkeypatch):
+    """--copy-repeats and --copy-vocab reach the copy sequences the batches are made of."""
+    calls = []
+    real = pt.copy_block
+    monkeypatch.setattr(pt, "copy_block", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    r = dataclasses.replace(recipe, copy_fraction=0.5, copy_repeats=3, copy_vocab=100, max_steps=1)
+    pretrain(r, tmp_path, progress=False)
+    assert calls and all(k == {"repeats": 3, "vocab": 100} for k in calls)
+    with pytest.raises(ValueError, match="copy vocabulary must be"):  # more tokens than the tokenizer has
+        pretrain(dataclasses.replace(r, copy_vocab=10**6), tmp_path / "too_many", progress=False)
+    assert not (tmp_path / "too_many" / "metrics.jsonl").exists()  # refused before the first step
+
+
 def _custom_handler(signum, frame):
     raise AssertionError("the run's own handler should have caught this")
 

@@ -127,7 +127,8 @@ def copy_check(tokenizer, generate: Callable[[list[list[int]]], list[list[int]]]
     span's next `expect` tokens. Retrieval needs this (the induction pattern: find the current tokens earlier,
     copy what followed); a model near 0 here scores 0 on every needle whatever its context length."""
     rng = np.random.default_rng(seed)
-    blocks = [copy_block(tokenizer, 1 + 2 * span, rng, span, span).tolist() for _ in range(trials)]
+    blocks = [copy_block(tokenizer, 1 + 2 * span, rng, span, span, repeats=2, vocab=None).tolist()
+              for _ in range(trials)]
     cut = 1 + span + shown
     outs = generate([b[:cut] for b in blocks])
     return float(np.mean([list(o[:expect]) == b[cut:cut + expect] for o, b in zip(outs, blocks)]))

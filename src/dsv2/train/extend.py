@@ -18,7 +18,7 @@ Training is pretraining's stage (train/pretrain.py: packed blocks of a corpus, L
 --kv-fraction > 0, that share of each batch drawn from a synthetic key-value retrieval corpus (data.py
 kv_retrieval_block: corpus text with needles, then their questions and answers) so that a small model can learn to
 retrieve across the window at all, and with --copy-fraction > 0, that share from synthetic copy sequences (data.py
-copy_block: random spans each followed by their copy), the induction pattern retrieval is built on and a briefly
+copy_block: random spans, each repeated), the induction pattern retrieval is built on and a briefly
 trained small model lacks. Deviation from the paper: it extends with plain long documents only.
 """
 

@@ -15,9 +15,10 @@ A micro-batch's loss is next-token cross-entropy plus the MoE balance losses (ex
 the held-out blocks give eval_loss and eval_ppl. The data position is the BatchLoader's (epoch, position).
 
 `--copy-fraction F` replaces that share of every batch by synthetic copy sequences (data.py copy_block: random
-letter/digit spans, each followed by its copy), the induction pattern behind in-context copying and retrieval,
-which a small model trained briefly on text may not form (`dsv2 eval niah` checks it). Sequence i is drawn from
-the generator seeded (seed, i, 1), and the number drawn is part of the data position, so resume is exact.
+spans of `--copy-vocab` tokens, each written `--copy-repeats` times), the induction pattern behind in-context
+copying and retrieval, which a small model trained briefly on text may not form (`dsv2 eval niah` checks it).
+Sequence i is drawn from the generator seeded (seed, i, 1), and the number drawn is part of the data position, so
+resume is exact.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv2.config import PRESETS
-from dsv2.data import BatchLoader, PackedDataset, build_token_file, copy_block, iter_corpus_texts
+from dsv2.data import BatchLoader, PackedDataset, build_token_file, copy_block, copy_palette, iter_corpus_texts
 from dsv2.tokenizer import Tokenizer, train_tokenizer
 from dsv2.train import parallel
 from dsv2.train.recipe import Recipe
@@ -68,6 +69,8 @@ class Pretrain(Stage):
 
     def setup(self, run: Run) -> None:
         r, d = run.r, run.d
+        if r.copy_fraction:
+            copy_palette(run.tok, r.copy_vocab)  # a vocabulary too large for the tokenizer fails here, not mid-run
         stats = parallel.on_main(d, lambda: build_token_file(  # tokenized once, by rank 0
             r.data, run.tok, run.out / "tokens.bin", max_bytes=r.max_bytes, progress=run.progress,
             text_field=r.text_field))
@@ -92,7 +95,8 @@ class Pretrain(Stage):
             parts.append(self.loader.next_batch(batch_size - reserved - n_copy))  # [B' / world_size, T] x 2
         if n_copy:
             parts.append(synthetic_part(run, n_copy, self.copy_drawn, lambda i: copy_block(
-                run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)))))
+                run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)), repeats=r.copy_repeats,
+                vocab=r.copy_vocab)))
             self.copy_drawn += n_copy
         return parts
 

@@ -28,6 +28,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv2.data import COPY_ALPHABET
+
 # what makes the model; a resumed run must not change these (the optimizer state and weights belong to it)
 MODEL_FIELDS = ("preset", "init_from", "model")
 
@@ -110,11 +112,16 @@ class Recipe(RunRecipe):
     tokenizer_max_bytes: int | None = 50_000_000  # text used to train a tokenizer when none is given
     val_fraction: float = 0.005
     copy_fraction: float = 0.0  # share of each batch from synthetic copy sequences (data.copy_block; 0: none)
+    copy_repeats: int = 4  # times each random span is written in a copy sequence (at least 2)
+    copy_vocab: int = 256  # distinct tokens copy sequences draw from (letters, digits, then other tokens)
 
     def validate(self) -> None:
         super().validate()
         _need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         _need(0 <= self.copy_fraction <= 1, f"copy_fraction must be in [0, 1], got {self.copy_fraction}")
+        _need(self.copy_repeats >= 2, f"copy_repeats must be at least 2, got {self.copy_repeats}")
+        _need(self.copy_vocab >= len(COPY_ALPHABET),
+              f"copy_vocab must be at least {len(COPY_ALPHABET)} (the letters and digits), got {self.copy_vocab}")
 
 
 def load_toml(path: str | Path) -> dict:
