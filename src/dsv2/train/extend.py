@@ -103,16 +103,17 @@ class Extend(Pretrain):
         ds = self.loader.dataset
         self.kv_tokens = ds.n_train * (ds.seq_len + 1)  # retrieval filler comes from the training blocks only
 
-    def micro_batches(self, run: Run, batch_size: int):
+    def batch_parts(self, run: Run, batch_size: int, reserved: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pretraining's parts (corpus blocks, copy sequences), then a kv_fraction share of retrieval sequences."""
         r, ws = run.r, run.d.world_size
         n_kv = int(round(batch_size * r.kv_fraction / ws)) * ws  # divisible by the number of processes
-        parts = self.batch_parts(run, batch_size, reserved=n_kv)  # corpus blocks and copy sequences
+        parts = super().batch_parts(run, batch_size, reserved=reserved + n_kv)
         if n_kv:
             parts.append(synthetic_part(run, n_kv, self.kv_drawn, lambda i: kv_retrieval_block(
                 self.loader.dataset.tokens, self.kv_tokens, run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i)),
                 r.kv_max_needles)))
             self.kv_drawn += n_kv
-        return run.micro_split(*(torch.cat(t) for t in zip(*parts)))
+        return parts
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "kv_drawn": self.kv_drawn}
