@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The four ablation studies of docs/ablations.md, one after another, with the settings used there: a 1024-token
+# The ablation studies of docs/ablations.md, one after another, with the settings used there: a 1024-token
 # tokenizer trained on the first 8 MB of the Python standard library (by the first study, then shared), the CLI's
 # default scale (h=64, 3 layers, 120 steps of 8 x 64 tokens), seeds 0-2 for attention and MoE, 0-1 for balance and
 # routing, one thread per process (the machine was shared by seven agents; several OpenMP threads per process only
-# spun against each other there). About 45 minutes there; a finished run is read back, not trained again.
+# spun against each other there). About 45 minutes there; a finished run is read back, not trained again. Last, the
+# copy study (its own scale: h=128, 2 layers, 1500 steps of 16 x 128; runs/demo's tokenizer when present), MHA and
+# MLA, then MLA again for 4000 steps: about 15 and 40 minutes a run on one core.
 #   bash runs/ablate_all.sh            # tables: runs/ablate_*/table.md, figures: runs/ablate_*/*.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +20,6 @@ TOK=(--tokenizer runs/ablate_attention/tokenizer)
 # the attention claim again with 4x the tokens (480 steps, 246k tokens per run), MLA and MHA only
 "$DSV2" ablate attention --out runs/ablate_attention_long "${TOK[@]}" --steps 480 --evals 4 --variants MLA,MHA \
   --seeds 0,1 "${COMMON[@]}" "$@"
+# when does each attention learn to copy from its context (section 5)
+"$DSV2" ablate copy --out runs/ablate_copy --seeds 0 --variants MHA,MLA --no-progress "$@"
+"$DSV2" ablate copy --out runs/ablate_copy_long --seeds 0 --variants MLA --steps 4000 --no-progress "$@"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsv2.ablate import Scale, base_model, load_stats, study_variants
+from dsv2.ablate import Scale, base_model, induction_step, load_stats, study_variants
 from dsv2.cli import main
 from dsv2.config import ModelConfig
 from dsv2.info import parameter_counts
@@ -124,3 +124,57 @@ def test_user_mistakes_are_one_line_errors(tmp_path, corpus, capsys):
     assert main(["ablate", "moe", "--out", str(tmp_path / "x"), "--hidden-size", "30"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 4 and "Traceback" not in err and "Switch" in err
+
+
+def test_induction_step_is_the_first_logged_step_below_halfway():
+    """Halfway between uniform guessing (ln 256 = 5.545) and a perfect copier (about ln 256 / repeats): 3.466 for 4
+    repeats, 4.159 for 2 (hand values)."""
+    curve = [(0, 5.6), (10, 5.0), (20, 3.48), (30, 3.45), (40, 1.5), (50, 3.6)]
+    assert induction_step(curve, 4, 256) == 30
+    assert induction_step(curve[:3], 4, 256) is None
+    assert induction_step([(5, 4.17), (6, 4.15)], 2, 256) == 6
+
+
+def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpus, monkeypatch, capsys):
+    """The copy study: every variant dense in every layer, trained on copy sequences only; its table reports the
+    copy loss, the induction step and the copy check (run on the run's final checkpoint) instead of held-out loss."""
+    import dsv2.ablate as ablate_mod
+    from dsv2.checkpoint import load_checkpoint
+    from dsv2.infer.generate import generate
+
+    seen = []
+
+    def spy(tokenizer, gen, trials):
+        seen.append((tokenizer, gen, trials))
+        return 0.625
+
+    monkeypatch.setattr(ablate_mod, "copy_check", spy)
+    out = tmp_path / "copy"
+    assert main(["ablate", "copy", "--out", str(out), "--data", str(corpus), "--seeds", "0", "--variants", "MLA,MHA",
+                 *TINY]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["MLA", "MHA"] and len(seen) == 2
+    for name, row in rows.items():
+        run = out / "runs" / f"{name}-seed0"
+        ckpt = next((run / "checkpoints").iterdir())
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["recipe"]["copy_fraction"] == 1.0 and state["recipe"]["copy_repeats"] == 4
+        cfg = ModelConfig.from_hf(ckpt)
+        assert cfg.first_k_dense_replace == cfg.num_hidden_layers == 2  # attention alone differs
+        assert cfg.attention_type == name.lower()
+        losses = [json.loads(line)["lm_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if "lm_loss" in json.loads(line)]
+        tail = losses[-max(1, len(losses) // 10):]
+        assert row["copy_loss"] == pytest.approx(sum(tail) / len(tail))
+        assert row["copy_check"] == 0.625 and row["induction_step_per_seed"] == [None]
+        assert "eval_loss" not in row
+    # the check ran on each run's final model: its generate function is that checkpoint's greedy continuation
+    tok, gen, trials = seen[-1]
+    model = load_checkpoint(next((out / "runs" / "MHA-seed0" / "checkpoints").iterdir()), dtype=torch.float32)
+    prompt = [[0, 5, 6, 7, 8]]
+    assert gen(prompt) == generate(model.eval(), prompt, max_new_tokens=8) and trials == 32
+    table = (out / "table.md").read_text()
+    assert "copy check" in table and "| 0.62 |" in table and "not reached" in table and "held-out" not in table
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "copy check 0.62" in capsys.readouterr().out

@@ -11,9 +11,16 @@ DIR/loss.png (held-out loss over training) and DIR/expert_load.png (max/mean exp
     balance     no balance loss vs expert-level only vs all three (expert, device, communication)
     routing     device-limited routing (top-6 within 3 of 8 groups) vs unrestricted top-6; also the share of
                 held-out tokens whose experts span more than 3 groups
+    copy        the attention study's variants on the copy task instead of text (data.copy_block: random spans
+                written 4 times), a dense FFN in every layer: when does each learn to copy from its context (the
+                induction pattern retrieval needs)? Instead of held-out loss: the copy loss at the end, the
+                induction step (the first logged step whose loss is below halfway between uniform guessing, ln V,
+                and a perfect copier, about ln V / 4) and the copy check of `dsv2 eval niah` (greedy; 32 prompts).
+                Its own scale defaults: h 128, 2 layers, 1500 steps of 16 x 128 tokens, lr 1e-3
 
     dsv2 ablate attention --out runs/ablate_attention                 # CPU defaults, 2 seeds
     dsv2 ablate moe --out runs/ablate_moe --hidden-size 256 --layers 6 --steps 2000 --batch-size 64   # a GPU
+    dsv2 ablate copy --out runs/ablate_copy --seeds 0 --variants MHA,MLA   # about 15 min per run on a core
 
 Every variant is DeepSeek-V2's structure at a small width (the `tiny` preset, with the sizes below derived from
 --hidden-size and --heads) and differs from the study's base only where the study says. Data: --data (default:
@@ -27,6 +34,7 @@ already finished in DIR is not trained again (its result.json is read), so an in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +49,8 @@ from tqdm import tqdm
 from dsv2.checkpoint import load_checkpoint
 from dsv2.config import ModelConfig
 from dsv2.data import PackedDataset, build_token_file, iter_corpus_texts
+from dsv2.eval.niah import copy_check
+from dsv2.infer.generate import generate
 from dsv2.infer.paged import kv_bytes_per_token
 from dsv2.info import parameter_counts
 from dsv2.model.moe import MoEGate
@@ -66,6 +76,18 @@ class Scale:
     evals: int = 3  # held-out evaluations over the run (the loss curves' points)
     eval_blocks: int = 64  # held-out blocks per evaluation (all of them when fewer)
     dtype: str = "auto"
+
+
+# The copy study's scale: induction forms abruptly after several hundred steps at this size (MHA: about 1,000), far
+# beyond the text studies' 120 steps; 2 layers is the fewest the pattern needs (one finds the previous token, the
+# next matches it).
+COPY_SCALE = Scale(hidden_size=128, layers=2, heads=4, steps=1500, batch_size=16, seq_len=128, lr=1e-3,
+                   warmup_steps=10, evals=1, eval_blocks=16)
+
+
+def default_scale(study: str) -> Scale:
+    """The scale a study runs at when no flag changes it."""
+    return dataclasses.replace(COPY_SCALE) if study == "copy" else Scale()
 
 
 def base_model(s: Scale, vocab_size: int) -> dict:
@@ -100,10 +122,13 @@ def study_variants(study: str, s: Scale) -> dict[str, dict]:
                 "none": dict(aux_loss_alpha=0.0, device_loss_alpha=0.0, comm_loss_alpha=0.0)}
     if study == "routing":
         return {"device-limited": {}, "unrestricted": dict(topk_method="greedy")}
+    if study == "copy":  # attention alone differs: a dense FFN in every layer (no routing noise, faster runs)
+        return {name: {**v, "first_k_dense_replace": s.layers} for name, v in study_variants("attention", s).items()}
     raise ValueError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
 
 
-STUDIES = ("attention", "moe", "balance", "routing")
+STUDIES = ("attention", "moe", "balance", "routing", "copy")
+COPY_RECIPE = dict(copy_fraction=1.0, copy_repeats=4, copy_vocab=256)  # the copy study's training data
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -141,12 +166,14 @@ def _link(src: Path, dst: Path) -> None:
 
 # ---- one run -----------------------------------------------------------------------------------------------------
 def run_variant(run_dir: Path, model: dict, s: Scale, seed: int, tokenizer: Path, tokens: Path, data: str | None,
-                max_bytes: int | None, progress: bool) -> dict:
-    """Train one variant with one seed (or read its finished result) and measure it."""
+                max_bytes: int | None, progress: bool, copy: bool = False) -> dict:
+    """Train one variant with one seed (or read its finished result) and measure it; copy: on the copy task
+    (COPY_RECIPE), measured by copy_metrics."""
     result_path = run_dir / "result.json"
     if result_path.is_file():
         done = json.loads(result_path.read_text())
-        if done.get("model") == model and done.get("scale") == vars(s) and done.get("seed") == seed:
+        if (done.get("model") == model and done.get("scale") == vars(s) and done.get("seed") == seed
+                and done.get("copy", False) == copy):
             return done
     _link(tokens, run_dir / "tokens.bin")  # the pretrain stage reuses it (same corpus, tokenizer and max_bytes)
     n_val = PackedDataset(tokens, s.seq_len, Recipe.val_fraction).n_val
@@ -156,7 +183,7 @@ def run_variant(run_dir: Path, model: dict, s: Scale, seed: int, tokenizer: Path
                     warmup_steps=min(s.warmup_steps, s.steps), seed=seed, dtype=s.dtype,
                     log_every=max(1, min(10, eval_every)), eval_every=eval_every,
                     eval_batches=max(1, math.ceil(min(n_val, s.eval_blocks) / s.batch_size)),
-                    save_every=s.steps, keep_last=1)
+                    save_every=s.steps, keep_last=1, **(COPY_RECIPE if copy else {}))
     summary = pretrain(recipe, run_dir, resume=True, progress=progress)
     if summary["stopped_by"] != "done":
         raise KeyboardInterrupt  # a signal stopped the run: the checkpoint is saved, rerun the study to continue
@@ -175,10 +202,35 @@ def run_variant(run_dir: Path, model: dict, s: Scale, seed: int, tokenizer: Path
                           for r in records if "expert_tokens" in r]}
     if res["load_curve"]:
         res["load_max_over_mean"], res["load_entropy"] = res["load_curve"][-1][1:]
-    if cfg.n_routed_experts and cfg.n_expert_groups > 1:
+    if copy:
+        res["copy"] = True
+        res.update(copy_metrics(summary["checkpoint"], res["train_curve"], COPY_RECIPE["copy_repeats"],
+                                COPY_RECIPE["copy_vocab"]))
+    moe_layers = any(map(cfg.is_moe_layer, range(cfg.num_hidden_layers)))
+    if moe_layers and cfg.n_routed_experts and cfg.n_expert_groups > 1:
         res["groups_per_token"], res["share_over_M_groups"] = routing_spread(summary["checkpoint"], tokens, s)
     result_path.write_text(json.dumps(res, indent=1) + "\n")
     return res
+
+
+def induction_step(train_curve: list[tuple[int, float]], repeats: int, vocab: int) -> int | None:
+    """The first logged step whose copy-task loss is below halfway between uniform guessing (ln vocab) and a
+    perfect copier (about ln vocab / repeats: only a span's first writing is unpredictable); None if never."""
+    threshold = math.log(vocab) * (1 + 1 / repeats) / 2
+    return next((step for step, loss in train_curve if loss < threshold), None)
+
+
+@torch.no_grad()
+def copy_metrics(ckpt: str, train_curve: list[tuple[int, float]], repeats: int, vocab: int,
+                 trials: int = 32) -> dict:
+    """A copy-study run's measurements: the mean loss of the last tenth of its logged steps, its induction step,
+    and the copy check of `dsv2 eval niah` (greedy continuation of a span seen before, letters and digits)."""
+    model = load_checkpoint(ckpt, dtype=torch.float32).eval()
+    tail = [loss for _, loss in train_curve[-max(1, len(train_curve) // 10):]]
+    check = copy_check(Tokenizer.load(ckpt), lambda prompts: generate(model, prompts, max_new_tokens=8),
+                       trials=trials)
+    return {"copy_loss": statistics.fmean(tail), "induction_step": induction_step(train_curve, repeats, vocab),
+            "copy_check": check}
 
 
 def load_stats(load: torch.Tensor) -> tuple[float, float]:
@@ -222,8 +274,18 @@ COLUMNS = [  # (result key, table header, format)
     ("tokens_per_s", "train tok/s", "{:,.0f}"), ("load_max_over_mean", "load max/mean", "{:.2f}"),
     ("load_entropy", "load entropy", "{:.3f}"), ("groups_per_token", "groups/token", "{:.2f}"),
     ("share_over_M_groups", "tokens > M groups", "{:.1%}"),
+    ("copy_loss", "copy loss (end)", "{:.3f}"), ("induction_step", "induction step", "{:.0f}"),
+    ("copy_check", "copy check", "{:.2f}"),
 ]
 ROUTING_ONLY = ("groups_per_token", "share_over_M_groups")  # shown in the routing study's table only
+COPY_ONLY = ("copy_loss", "induction_step", "copy_check")  # the copy study's, which replace held-out loss
+TEXT_ONLY = ("eval_loss", "eval_ppl")  # held-out loss on the corpus: meaningless for a model trained on copying
+
+
+def study_columns(study: str) -> list[tuple[str, str, str]]:
+    """The COLUMNS a study's table shows (where any row has them)."""
+    hide = (TEXT_ONLY if study == "copy" else COPY_ONLY) + (() if study == "routing" else ROUTING_ONLY)
+    return [c for c in COLUMNS if c[0] not in hide]
 
 
 def summarize(study: str, results: dict[str, list[dict]]) -> dict:
@@ -231,25 +293,29 @@ def summarize(study: str, results: dict[str, list[dict]]) -> dict:
     rows = []
     for name, runs in results.items():
         row = {"variant": name, "seeds": [r["seed"] for r in runs], "model": runs[0]["model"]}
-        for key, _, _ in COLUMNS:
+        for key, _, _ in study_columns(study):
             vals = [r[key] for r in runs if r.get(key) is not None]
             if vals:
                 row[key] = statistics.fmean(vals)
                 row[key + "_per_seed"] = vals
                 if len(vals) > 1 and key == "eval_loss":
                     row["eval_loss_std"] = statistics.stdev(vals)
+        if study == "copy":  # runs that never crossed the threshold: shown as such, not averaged away
+            row["induction_step_per_seed"] = [r["induction_step"] for r in runs]
         rows.append(row)
     return {"study": study, "rows": rows}
 
 
 def format_table(table: dict) -> str:
     rows = table["rows"]
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)
-            and (table["study"] == "routing" or c[0] not in ROUTING_ONLY)]
+    cols = [c for c in study_columns(table["study"]) if any(c[0] in r or c[0] + "_per_seed" in r for r in rows)]
     lines = ["| variant | " + " | ".join(h for _, h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         cells = []
         for key, _, fmt in cols:
+            if key == "induction_step":
+                cells.append(", ".join("not reached" if v is None else str(v) for v in r[key + "_per_seed"]))
+                continue
             if key not in r:
                 cells.append("-")
                 continue
@@ -260,8 +326,13 @@ def format_table(table: dict) -> str:
             cells.append(cell)
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     seeds = sorted({s for r in rows for s in r["seeds"]})
-    lines.append(f"\nseeds {', '.join(map(str, seeds))}; held-out loss: mean ± sample std (per seed); other columns: "
-                 "means over the seeds")
+    if table["study"] == "copy":
+        lines.append(f"\nseeds {', '.join(map(str, seeds))}; copy loss: the last tenth of the logged steps; induction "
+                     "step: per seed, the first logged step whose loss is below halfway between uniform guessing and "
+                     "a perfect copier; copy check: greedy continuation of a span seen before (0-1); means over seeds")
+    else:
+        lines.append(f"\nseeds {', '.join(map(str, seeds))}; held-out loss: mean ± sample std (per seed); other "
+                     "columns: means over the seeds")
     return "\n".join(lines)
 
 
@@ -276,11 +347,23 @@ def plot_study(study: str, results: dict[str, list[dict]], out: Path) -> list[Pa
     for i, (name, runs) in enumerate(results.items()):
         color = f"C{i}"
         for j, r in enumerate(runs):
+            if study == "copy":
+                ax.plot(*zip(*r["train_curve"]), color=color, lw=1.2, label=f"{name}" if j == 0 else None)
+                continue
             ax.plot(*zip(*r["train_curve"]), color=color, lw=0.6, alpha=0.35)
             ax.plot(*zip(*r["eval_curve"]), "o-", color=color, lw=1.4, ms=3,
                     label=f"{name}" if j == 0 else None)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"{study}: held-out loss (lines: each seed; faint: train)")
-    _zoom(ax, [v for runs in results.values() for r in runs for _, v in r["eval_curve"][1:]])
+    if study == "copy":
+        uniform, reps = math.log(COPY_RECIPE["copy_vocab"]), COPY_RECIPE["copy_repeats"]
+        ax.axhline(uniform, color="gray", lw=0.8, ls="--", label="uniform guess")
+        ax.axhline(uniform * (1 + 1 / reps) / 2, color="gray", lw=0.8, ls=":", label="induction threshold")
+        ax.axhline(uniform / reps, color="black", lw=0.8, ls="--", label="perfect copier (about)")
+        ax.set(xlabel="step", ylabel="copy-task loss (nats/token)",
+               title="copy: training loss on the copy task (each seed)")
+    else:
+        ax.set(xlabel="step", ylabel="loss (nats/token)",
+               title=f"{study}: held-out loss (lines: each seed; faint: train)")
+        _zoom(ax, [v for runs in results.values() for r in runs for _, v in r["eval_curve"][1:]])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "loss.png"))
@@ -332,7 +415,7 @@ def ablate(study: str, out: str | Path, seeds: list[int] = (0, 1), scale: Scale 
            variants: list[str] | None = None, data: str | None = None, tokenizer: str | None = None,
            vocab_size: int | None = None, max_bytes: int | None = None, progress: bool = True) -> dict:
     """Run one study into `out`; returns the table (also written as out/ablation.json and out/table.md)."""
-    s = scale or Scale()
+    s = scale or default_scale(study)
     all_variants = study_variants(study, s)
     names = list(all_variants) if not variants else variants
     unknown = [v for v in names if v not in all_variants]
@@ -353,9 +436,14 @@ def ablate(study: str, out: str | Path, seeds: list[int] = (0, 1), scale: Scale 
     for seed, name in bar:
         bar.set_postfix_str(f"{name} seed {seed}")
         res = run_variant(out / "runs" / f"{name}-seed{seed}", {**base, **all_variants[name]}, s, seed, tok_dir,
-                          tokens, data, max_bytes, progress=False)
+                          tokens, data, max_bytes, progress=False, copy=study == "copy")
         results[name].append(res)
-        bar.write(f"{study}: {name} seed {seed}: held-out loss {res['eval_loss']:.4f}")
+        if study == "copy":
+            step = "not reached" if res["induction_step"] is None else res["induction_step"]
+            bar.write(f"copy: {name} seed {seed}: copy loss {res['copy_loss']:.3f}, induction step {step}, "
+                      f"copy check {res['copy_check']:.2f}")
+        else:
+            bar.write(f"{study}: {name} seed {seed}: held-out loss {res['eval_loss']:.4f}")
     table = summarize(study, results)
     table["scale"], table["tokens_per_run"] = vars(s), s.steps * s.batch_size * s.seq_len
     (out / "ablation.json").write_text(json.dumps({**table, "runs": results}, indent=1) + "\n")
@@ -368,7 +456,8 @@ def ablate(study: str, out: str | Path, seeds: list[int] = (0, 1), scale: Scale 
 def add_command(subparsers) -> None:
     """Register `dsv2 ablate`."""
     p = subparsers.add_parser("ablate", help="the paper's claims in miniature: attention / MoE / balance / routing "
-                                             "ablations with a table and plots",
+                                             "ablations, and copy (when attention learns to copy), with a table "
+                                             "and plots",
                               description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=STUDIES, help="which comparison to run")
@@ -380,16 +469,17 @@ def add_command(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, help="train a tokenizer of this vocab here (default: runs/demo's "
                                                   "tokenizer if present, else one of 4096)")
     p.add_argument("--max-bytes", type=int, help="use at most this much of the corpus")
-    d = Scale()
+    d, c = Scale(), COPY_SCALE
     g = p.add_argument_group("scale (the same for every variant; raise them on a GPU)")
     for name, help_ in (("hidden_size", "model width h; head dim h/heads, expert width h/4"),
-                        ("layers", "decoder layers (the first dense)"), ("heads", "attention heads"),
+                        ("layers", "decoder layers (the first dense; copy study: all dense)"), ("heads", "attention heads"),
                         ("steps", "training steps per run"), ("batch_size", "sequences per step"),
                         ("seq_len", "tokens per sequence"), ("lr", "peak learning rate"),
                         ("warmup_steps", "linear warmup steps"), ("evals", "held-out evaluations per run"),
                         ("eval_blocks", "held-out sequences per evaluation")):
-        g.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=getattr(d, name),
-                       help=f"{help_} (default: {getattr(d, name)})")
+        copy_default = "" if getattr(c, name) == getattr(d, name) else f"; copy study: {getattr(c, name)}"
+        g.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=None,
+                       help=f"{help_} (default: {getattr(d, name)}{copy_default})")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -401,7 +491,8 @@ def _command(args) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    scale = Scale(**{k: getattr(args, k) for k in vars(Scale())})
+    d = default_scale(args.study)
+    scale = Scale(**{k: getattr(d, k) if getattr(args, k) is None else getattr(args, k) for k in vars(d)})
     for k in ("hidden_size", "layers", "heads", "steps", "batch_size", "seq_len", "evals", "eval_blocks"):
         if getattr(scale, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(scale, k)}")
@@ -415,4 +506,5 @@ def _command(args) -> int:
     return 0
 
 
-__all__ = ["STUDIES", "Scale", "ablate", "add_command", "base_model", "format_table", "load_stats", "study_variants"]
+__all__ = ["COPY_SCALE", "STUDIES", "Scale", "ablate", "add_command", "base_model", "copy_metrics", "default_scale",
+           "format_table", "induction_step", "load_stats", "study_variants"]
