@@ -20,7 +20,7 @@ DIR/loss.png (held-out loss over training) and DIR/expert_load.png (max/mean exp
 
     dsv2 ablate attention --out runs/ablate_attention                 # CPU defaults, 2 seeds
     dsv2 ablate moe --out runs/ablate_moe --hidden-size 256 --layers 6 --steps 2000 --batch-size 64   # a GPU
-    dsv2 ablate copy --out runs/ablate_copy --seeds 0 --variants MHA,MLA   # about 15 min per run on a core
+    dsv2 ablate copy --out runs/ablate_copy --seeds 0 --variants MHA,MLA   # about 13 min per run on a core
 
 Every variant is DeepSeek-V2's structure at a small width (the `tiny` preset, with the sizes below derived from
 --hidden-size and --heads) and differs from the study's base only where the study says. Data: --data (default:
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from dsv2.checkpoint import load_checkpoint
 from dsv2.config import ModelConfig
-from dsv2.data import PackedDataset, build_token_file, iter_corpus_texts
+from dsv2.data import COPY_REPEATS, COPY_VOCAB, PackedDataset, build_token_file, iter_corpus_texts
 from dsv2.eval.niah import copy_check
 from dsv2.infer.generate import generate
 from dsv2.infer.paged import kv_bytes_per_token
@@ -128,7 +128,7 @@ def study_variants(study: str, s: Scale) -> dict[str, dict]:
 
 
 STUDIES = ("attention", "moe", "balance", "routing", "copy")
-COPY_RECIPE = dict(copy_fraction=1.0, copy_repeats=4, copy_vocab=256)  # the copy study's training data
+COPY_RECIPE = dict(copy_fraction=1.0, copy_repeats=COPY_REPEATS, copy_vocab=COPY_VOCAB)  # the copy study's data
 
 
 # ---- data --------------------------------------------------------------------------------------------------------

@@ -433,8 +433,9 @@ def copy_block(tokenizer, length: int, rng: np.random.Generator, min_span: int =
 
     Why 4 repeats of 256 tokens by default: with 2 repeats of the 36 letters and digits, 3,000 steps did not form
     the pattern in the demo model (docs/long_context.md). More repeats strengthen the signal (3 of every 4 tokens
-    are copies); a larger palette makes the earlier occurrence of a token unambiguous. (3,200 steps of these have not
-    formed it in the demo model yet either; the loss was still falling.)"""
+    are copies); a larger palette makes the earlier occurrence of a token unambiguous. (3,213 steps of these have not
+    formed it in the demo model either: at this size MLA learns the pattern far later than per-head attention,
+    `dsv2 ablate copy`, docs/ablations.md section 5.)"""
     if repeats < 2:
         raise ValueError(f"a copy sequence needs at least 2 repeats of each span, got {repeats}")
     palette = copy_palette(tokenizer, vocab)

@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv2.data import COPY_ALPHABET
+from dsv2.data import COPY_ALPHABET, COPY_REPEATS, COPY_VOCAB
 
 # what makes the model; a resumed run must not change these (the optimizer state and weights belong to it)
 MODEL_FIELDS = ("preset", "init_from", "model")
@@ -112,8 +112,8 @@ class Recipe(RunRecipe):
     tokenizer_max_bytes: int | None = 50_000_000  # text used to train a tokenizer when none is given
     val_fraction: float = 0.005
     copy_fraction: float = 0.0  # share of each batch from synthetic copy sequences (data.copy_block; 0: none)
-    copy_repeats: int = 4  # times each random span is written in a copy sequence (at least 2)
-    copy_vocab: int = 256  # distinct tokens copy sequences draw from (letters, digits, then other tokens)
+    copy_repeats: int = COPY_REPEATS  # times each random span is written in a copy sequence (at least 2)
+    copy_vocab: int = COPY_VOCAB  # distinct tokens copy sequences draw from (letters, digits, then other tokens)
 
     def validate(self) -> None:
         super().validate()
