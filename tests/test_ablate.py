@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from dsv2.ablate import Scale, base_model, induction_step, load_stats, study_variants
+from dsv2.ablate import Scale, base_model, induction_step, load_stats, split_variant, study_variants
 from dsv2.cli import main
 from dsv2.config import ModelConfig
 from dsv2.info import parameter_counts
 
 
 def _cfg(study, name, s=Scale(), vocab=1000):
-    return ModelConfig.from_preset("tiny", **{**base_model(s, vocab), **study_variants(study, s)[name]})
+    return ModelConfig.from_preset("tiny", **{**base_model(s, vocab), **split_variant(study_variants(study, s)[name])[0]})
 
 
 @pytest.mark.parametrize("hidden", [64, 128])
@@ -150,11 +150,11 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
 
     monkeypatch.setattr(ablate_mod, "copy_check", spy)
     out = tmp_path / "copy"
-    assert main(["ablate", "copy", "--out", str(out), "--data", str(corpus), "--seeds", "0", "--variants", "MLA,MHA",
-                 *TINY]) == 0
+    assert main(["ablate", "copy", "--out", str(out), "--data", str(corpus), "--seeds", "0", "--variants",
+                 "MLA,MHA,MLA-frozen-latents", *TINY]) == 0
     report = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
-    assert list(rows) == ["MLA", "MHA"] and len(seen) == 2
+    assert list(rows) == ["MLA", "MHA", "MLA-frozen-latents"] and len(seen) == 3
     for name, row in rows.items():
         run = out / "runs" / f"{name}-seed0"
         ckpt = next((run / "checkpoints").iterdir())
@@ -162,7 +162,9 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
         assert state["recipe"]["copy_fraction"] == 1.0 and state["recipe"]["copy_repeats"] == 4
         cfg = ModelConfig.from_hf(ckpt)
         assert cfg.first_k_dense_replace == cfg.num_hidden_layers == 2  # attention alone differs
-        assert cfg.attention_type == name.lower()
+        assert cfg.attention_type == name.split("-")[0].lower()
+        # the frozen-latents variant's recipe reaches its run: 40% of the 4 steps
+        assert state["recipe"]["freeze_latents"] == (2 if name == "MLA-frozen-latents" else 0)
         losses = [json.loads(line)["lm_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
                   if "lm_loss" in json.loads(line)]
         tail = losses[-max(1, len(losses) // 10):]
@@ -170,7 +172,7 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
         assert row["copy_check"] == 0.625 and row["induction_step_per_seed"] == [None]
         assert "eval_loss" not in row
     # the check ran on each run's final model: its generate function is that checkpoint's greedy continuation
-    tok, gen, trials = seen[-1]
+    tok, gen, trials = seen[1]  # MHA's
     model = load_checkpoint(next((out / "runs" / "MHA-seed0" / "checkpoints").iterdir()), dtype=torch.float32)
     prompt = [[0, 5, 6, 7, 8]]
     assert gen(prompt) == generate(model.eval(), prompt, max_new_tokens=8) and trials == 32

@@ -16,6 +16,8 @@ DIR/loss.png (held-out loss over training) and DIR/expert_load.png (max/mean exp
                 induction pattern retrieval needs)? Instead of held-out loss: the copy loss at the end, the
                 induction step (the first logged step whose loss is below halfway between uniform guessing, ln V,
                 and a perfect copier, about ln V / 4) and the copy check of `dsv2 eval niah` (greedy; 32 prompts).
+                Also MLA-frozen-latents: MLA whose latent down-projection W_DKV starts orthogonal and gets no
+                update for the first 40% of the steps (--freeze-latents of every training command).
                 Its own scale defaults: h 128, 2 layers, 1500 steps of 16 x 128 tokens, lr 1e-3
 
     dsv2 ablate attention --out runs/ablate_attention                 # CPU defaults, 2 seeds
@@ -123,11 +125,19 @@ def study_variants(study: str, s: Scale) -> dict[str, dict]:
     if study == "routing":
         return {"device-limited": {}, "unrestricted": dict(topk_method="greedy")}
     if study == "copy":  # attention alone differs: a dense FFN in every layer (no routing noise, faster runs)
-        return {name: {**v, "first_k_dense_replace": s.layers} for name, v in study_variants("attention", s).items()}
+        dense = {"first_k_dense_replace": s.layers}
+        return {**{name: {**v, **dense} for name, v in study_variants("attention", s).items()},
+                "MLA-frozen-latents": {**dense, "recipe": {"freeze_latents": round(0.4 * s.steps)}}}
     raise ValueError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
 
 
 STUDIES = ("attention", "moe", "balance", "routing", "copy")
+
+
+def split_variant(overrides: dict) -> tuple[dict, dict]:
+    """A variant's overrides -> (ModelConfig overrides, Recipe overrides: its "recipe" table, if any)."""
+    model = dict(overrides)
+    return model, model.pop("recipe", {})
 COPY_RECIPE = dict(copy_fraction=1.0, copy_repeats=COPY_REPEATS, copy_vocab=COPY_VOCAB)  # the copy study's data
 
 
@@ -166,14 +176,15 @@ def _link(src: Path, dst: Path) -> None:
 
 # ---- one run -----------------------------------------------------------------------------------------------------
 def run_variant(run_dir: Path, model: dict, s: Scale, seed: int, tokenizer: Path, tokens: Path, data: str | None,
-                max_bytes: int | None, progress: bool, copy: bool = False) -> dict:
+                max_bytes: int | None, progress: bool, copy: bool = False, extra: dict | None = None) -> dict:
     """Train one variant with one seed (or read its finished result) and measure it; copy: on the copy task
-    (COPY_RECIPE), measured by copy_metrics."""
+    (COPY_RECIPE), measured by copy_metrics; extra: the variant's own Recipe overrides."""
+    extra = extra or {}
     result_path = run_dir / "result.json"
     if result_path.is_file():
         done = json.loads(result_path.read_text())
         if (done.get("model") == model and done.get("scale") == vars(s) and done.get("seed") == seed
-                and done.get("copy", False) == copy):
+                and done.get("copy", False) == copy and done.get("recipe", {}) == extra):
             return done
     _link(tokens, run_dir / "tokens.bin")  # the pretrain stage reuses it (same corpus, tokenizer and max_bytes)
     n_val = PackedDataset(tokens, s.seq_len, Recipe.val_fraction).n_val
@@ -183,14 +194,15 @@ def run_variant(run_dir: Path, model: dict, s: Scale, seed: int, tokenizer: Path
                     warmup_steps=min(s.warmup_steps, s.steps), seed=seed, dtype=s.dtype,
                     log_every=max(1, min(10, eval_every)), eval_every=eval_every,
                     eval_batches=max(1, math.ceil(min(n_val, s.eval_blocks) / s.batch_size)),
-                    save_every=s.steps, keep_last=1, **(COPY_RECIPE if copy else {}))
+                    save_every=s.steps, keep_last=1, **(COPY_RECIPE if copy else {}), **extra)
     summary = pretrain(recipe, run_dir, resume=True, progress=progress)
     if summary["stopped_by"] != "done":
         raise KeyboardInterrupt  # a signal stopped the run: the checkpoint is saved, rerun the study to continue
     records = read_metrics(run_dir / "metrics.jsonl")
     cfg = ModelConfig.from_hf(Path(summary["checkpoint"]))
     params = parameter_counts(cfg)
-    res = {"model": model, "scale": vars(s), "seed": seed, "eval_loss": summary["eval_loss"],
+    res = {"model": model, **({"recipe": extra} if extra else {}), "scale": vars(s), "seed": seed,
+           "eval_loss": summary["eval_loss"],
            "eval_ppl": math.exp(min(summary["eval_loss"], 50.0)),
            "total_params": params["total"], "activated_params": params["activated_excluding_embedding"],
            "attention_params_per_layer": params["layers"][0]["attention"],
@@ -429,14 +441,15 @@ def ablate(study: str, out: str | Path, seeds: list[int] = (0, 1), scale: Scale 
     tok_dir, tokens = prepare_data(out, data, tokenizer, vocab_size, max_bytes, progress)
     base = base_model(s, Tokenizer.load(tok_dir).vocab_size)
     for name in names:  # every config is checked before anything trains
-        ModelConfig.from_preset("tiny", **{**base, **all_variants[name]})
+        ModelConfig.from_preset("tiny", **{**base, **split_variant(all_variants[name])[0]})
     results: dict[str, list[dict]] = {n: [] for n in names}
     jobs = [(seed, n) for seed in seeds for n in names]  # seed-major: one full comparison first
     bar = tqdm(jobs, desc=f"ablate {study}", unit="run", disable=not progress)
     for seed, name in bar:
         bar.set_postfix_str(f"{name} seed {seed}")
-        res = run_variant(out / "runs" / f"{name}-seed{seed}", {**base, **all_variants[name]}, s, seed, tok_dir,
-                          tokens, data, max_bytes, progress=False, copy=study == "copy")
+        model, recipe = split_variant(all_variants[name])
+        res = run_variant(out / "runs" / f"{name}-seed{seed}", {**base, **model}, s, seed, tok_dir, tokens, data,
+                          max_bytes, progress=False, copy=study == "copy", extra=recipe)
         results[name].append(res)
         if study == "copy":
             step = "not reached" if res["induction_step"] is None else res["induction_step"]

@@ -1,5 +1,6 @@
-"""Tests for the run core (dsv2.train.run) through the pretraining stage: gradient clipping, --init-from with
-model overrides, resume refusing changed model settings, and no pickle in the package."""
+"""Tests for the run core (dsv2.train.run) through the pretraining stage: gradient clipping, fixed latent
+projections (--freeze-latents), --init-from with model overrides, resume refusing changed model settings, and no
+pickle in the package."""
 
 import dataclasses
 import json
@@ -46,6 +47,49 @@ def test_gradients_are_clipped_to_grad_clip(recipe, tmp_path, grad_clip):
         assert seen == pytest.approx([grad_clip] * 3, rel=1e-4)
     else:
         assert seen == pytest.approx(logged, rel=1e-4)
+
+
+def _latents(ckpt) -> list[torch.Tensor]:
+    """The latent down-projections' rows (W_DQ, W_DKV of every layer) of a checkpoint, each row unit length."""
+    model = dsv2.load_checkpoint(ckpt, dtype=torch.float32)
+    return [torch.nn.functional.normalize(w[:rows].detach(), dim=1) for w, rows in model.latent_down_weights()]
+
+
+def _orthonormal(rows: torch.Tensor) -> bool:
+    return torch.allclose(rows @ rows.T, torch.eye(rows.shape[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("freeze", [2, 0])
+def test_freeze_latents_keeps_orthogonal_latent_projections_fixed_then_trains_them(recipe, tmp_path, freeze):
+    """--freeze-latents N: a new model's W_DQ and W_DKV rows start orthogonal and no step before N turns them
+    (weight decay only scales them); the RoPE key's rows of the same weight train from step 1, the latents after N.
+    Without it the rows are Gaussian (not orthogonal) and move at once."""
+    r = dataclasses.replace(recipe, freeze_latents=freeze, max_steps=3, save_every=1, eval_every=3)
+    pretrain(r, tmp_path, progress=False)
+    ck = [tmp_path / "checkpoints" / f"step-{i:08d}" for i in (1, 2, 3)]
+    lat = [_latents(c) for c in ck]
+    assert len(lat[0]) == 2 * 3  # tiny: 3 layers, each with a query and a KV latent
+    if freeze:
+        assert all(_orthonormal(w) for w in lat[0] + lat[1])
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(lat[0], lat[1]))
+    else:
+        assert not any(_orthonormal(w) for w in lat[0])
+        assert not any(torch.allclose(a, b, atol=1e-4) for a, b in zip(lat[0], lat[1]))
+    assert not any(torch.allclose(a, b, atol=1e-4) for a, b in zip(lat[1], lat[2]))  # trained after step N
+    models = [dsv2.load_checkpoint(c, dtype=torch.float32) for c in ck[:2]]
+    rope_rows = [m.model.layers[0].self_attn.kv_a_proj_with_mqa.weight[m.config.kv_lora_rank:] for m in models]
+    assert not torch.allclose(*rope_rows, atol=1e-4)
+
+
+def test_freeze_latents_from_a_checkpoint_keeps_its_latents(recipe, tmp_path, source):
+    """With --init-from the latents are the checkpoint's (no orthogonal redraw), fixed for the first N steps."""
+    r = dataclasses.replace(recipe, init_from=str(source), freeze_latents=2, max_steps=2, save_every=1, eval_every=2)
+    pretrain(r, tmp_path, progress=False)
+    before, after = _latents(source), _latents(tmp_path / "checkpoints" / "step-00000002")
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, after))
+    assert not any(_orthonormal(w) for w in before)
+    with pytest.raises(ValueError, match="freeze_latents must be >= 0"):
+        dataclasses.replace(recipe, freeze_latents=-1).validate()
 
 
 @pytest.fixture

@@ -193,6 +193,11 @@ class _Query(nn.Module):
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
 
+    def latent_down_weights(self) -> list[tuple[nn.Parameter, int]]:
+        """The latent down-projections as (weight, rows): here W_DQ (`q_a_proj`, every row) when queries are
+        compressed. Each feeds an RMSNorm, so only the rows' directions matter to the forward."""
+        return [] if self.q_lora_rank is None else [(self.q_a_proj.weight, self.q_lora_rank)]
+
     def query(self, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated)."""
         B, T, _ = x.shape
@@ -231,6 +236,11 @@ class MLA(_Query):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
         self._absorbed_views: tuple | None = None  # (source weight, W_UK, W_UV^T, version of a copy or None for views)
+
+    def latent_down_weights(self) -> list[tuple[nn.Parameter, int]]:
+        """W_DQ (if any) and W_DKV: the first kv_lora_rank rows of `kv_a_proj_with_mqa` (its last qk_rope_head_dim
+        rows are the RoPE key's W_KR, which no norm follows)."""
+        return super().latent_down_weights() + [(self.kv_a_proj_with_mqa.weight, self.kv_lora_rank)]
 
     def project(self, x: torch.Tensor, ctx: StepContext):
         """x [B, T, hidden] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated), kv_rows [B, T, r + dr]

@@ -72,6 +72,22 @@ class DeepseekV2(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
 
+    def latent_down_weights(self) -> list[tuple[nn.Parameter, int]]:
+        """Every layer's latent down-projections (W_DQ, W_DKV) as (weight, rows): the first `rows` rows of the
+        weight project the hidden state into a latent that an RMSNorm then normalises."""
+        return [w for layer in self.model.layers for w in layer.self_attn.latent_down_weights()]
+
+    @torch.no_grad()
+    def orthogonal_latents_(self) -> None:
+        """Redraw the latent down-projections with orthogonal rows (columns when wider than the hidden size), at
+        the same root-mean-square element as before: the latent then starts as an undistorted view of the hidden
+        state (a square Gaussian matrix is badly conditioned). See `RunRecipe.freeze_latents`."""
+        for w, rows in self.latent_down_weights():
+            block = w[:rows]
+            rms = block.float().pow(2).mean().sqrt()
+            q = torch.nn.init.orthogonal_(torch.empty(block.shape, dtype=torch.float32))
+            block.copy_(q * (rms / q.pow(2).mean().sqrt()))
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
         p = self.lm_head.weight
         return LatentCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device)

@@ -63,6 +63,7 @@ class RunRecipe:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
     init_std: float | None = None  # None: the preset's initializer_range
+    freeze_latents: int = 0  # the q/kv latent down-projections (W_DQ, W_DKV) get no gradient for this many first steps; a new model draws them orthogonal. Copying from context forms far sooner (docs/ablations.md)
     seed: int = 0
     # hardware
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32 / bfloat16
@@ -79,7 +80,8 @@ class RunRecipe:
     def validate(self) -> None:
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "eval_every", "eval_batches", "save_every"):
             _need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "batch_size_start", "batch_ramp_steps", "warmup_steps", "keep_last"):
+        for name in ("micro_batch_size", "batch_size_start", "batch_ramp_steps", "warmup_steps", "keep_last",
+                     "freeze_latents"):
             _need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _need(self.lr > 0, f"lr must be positive, got {self.lr}")
         _need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")

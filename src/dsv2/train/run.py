@@ -193,6 +193,11 @@ class Run:
         torch.manual_seed(r.seed)
         # float32 master weights, whatever the checkpoint stores; under --ep each rank holds only its experts
         model = parallel.build_model(self.cfg, d, source, r.init_std)
+        if r.freeze_latents:
+            if r.fsdp and d.enabled:
+                raise ValueError("--freeze-latents is not supported with --fsdp (the weights are sharded); use DDP")
+            if source is None:  # a new model: the fixed latents start as an undistorted view of the hidden state
+                model.orthogonal_latents_()
         self.stage.prepare_model(self, model)
         if r.compile:
             if self.device.type == "cuda":
@@ -292,6 +297,15 @@ class Run:
                 load += self.raw.expert_load()
         return list(sums), torch.stack(list(sums.values())), load
 
+    def _freeze_latent_grads(self) -> None:
+        """No update for the latent down-projections this step (`freeze_latents`): their gradient rows are zeroed
+        before clipping, so Adam's moments stay at zero for them. AdamW's decoupled weight decay still scales the
+        rows by (1 - lr * wd) per step, which the RMSNorm after each latent undoes."""
+        with torch.no_grad():
+            for w, rows in self.raw.latent_down_weights():
+                if w.grad is not None:
+                    w.grad[:rows] = 0
+
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> dict:
         r, d = self.r, self.d
@@ -312,6 +326,8 @@ class Run:
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 names, stats, load = self.train_step(B)
+                if self.step < r.freeze_latents:
+                    self._freeze_latent_grads()
                 grad_norm = parallel.clip_grad_norm(self.model, r.grad_clip or float("inf"))
                 # one collective for everything the ranks must agree on: losses, stop request, expert load
                 flag = torch.tensor([float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
