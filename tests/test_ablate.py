@@ -180,3 +180,12 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
     assert "copy check" in table and "| 0.62 |" in table and "not reached" in table and "held-out" not in table
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "copy check 0.62" in capsys.readouterr().out
+    # a run whose result was lost after its last checkpoint is measured again without training; its speed is the
+    # one it logged
+    (out / "runs" / "MHA-seed0" / "result.json").unlink()
+    assert main(["ablate", "copy", "--out", str(out), "--data", str(corpus), "--seeds", "0", "--variants", "MHA",
+                 *TINY]) == 0
+    speeds = [json.loads(line)["tokens_per_s"] for line in
+              (out / "runs" / "MHA-seed0" / "metrics.jsonl").read_text().splitlines() if "tokens_per_s" in line]
+    again = json.loads((out / "runs" / "MHA-seed0" / "result.json").read_text())
+    assert again["tokens_per_s"] == pytest.approx(sum(speeds) / len(speeds)) and again["copy_loss"] == rows["MHA"]["copy_loss"]

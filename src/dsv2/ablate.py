@@ -207,7 +207,10 @@ def run_variant(run_dir: Path, model: dict, s: Scale, seed: int, tokenizer: Path
            "total_params": params["total"], "activated_params": params["activated_excluding_embedding"],
            "attention_params_per_layer": params["layers"][0]["attention"],
            "kv_bytes_per_token_bf16": kv_bytes_per_token(cfg, "bf16"),
-           "tokens_per_s": summary["tokens_per_s"],
+           # a run that finished before this process (interrupted after its last checkpoint) trained no step here:
+           # its logged speed then
+           "tokens_per_s": summary["tokens_per_s"] or statistics.fmean(
+               [r["tokens_per_s"] for r in records if "tokens_per_s" in r] or [float("nan")]),
            "eval_curve": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
            "train_curve": [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r],
            "load_curve": [(r["step"], *load_stats(torch.tensor(r["expert_tokens"])))
