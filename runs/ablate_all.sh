@@ -5,7 +5,7 @@
 # routing, one thread per process (the machine was shared by seven agents; several OpenMP threads per process only
 # spun against each other there). About 45 minutes there; a finished run is read back, not trained again. Last, the
 # copy study (its own scale: h=128, 2 layers, 1500 steps of 16 x 128; runs/demo's tokenizer when present), all four
-# attention variants, then MLA again for 4000 steps: about 13 and 35 minutes a run on one core.
+# attention variants and MLA with --freeze-latents, then MLA again for 4000 steps: about 13 and 35 minutes a run on one core.
 #   bash runs/ablate_all.sh            # tables: runs/ablate_*/table.md, figures: runs/ablate_*/*.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +21,5 @@ TOK=(--tokenizer runs/ablate_attention/tokenizer)
 "$DSV2" ablate attention --out runs/ablate_attention_long "${TOK[@]}" --steps 480 --evals 4 --variants MLA,MHA \
   --seeds 0,1 "${COMMON[@]}" "$@"
 # when does each attention learn to copy from its context (section 5)
-"$DSV2" ablate copy --out runs/ablate_copy --seeds 0 --variants MHA,GQA-2,MQA,MLA --no-progress "$@"
+"$DSV2" ablate copy --out runs/ablate_copy --seeds 0 --variants MHA,GQA-2,MQA,MLA,MLA-frozen-latents --no-progress "$@"
 "$DSV2" ablate copy --out runs/ablate_copy_long --seeds 0 --variants MLA --steps 4000 --no-progress "$@"
