@@ -138,6 +138,8 @@ def split_variant(overrides: dict) -> tuple[dict, dict]:
     """A variant's overrides -> (ModelConfig overrides, Recipe overrides: its "recipe" table, if any)."""
     model = dict(overrides)
     return model, model.pop("recipe", {})
+
+
 COPY_RECIPE = dict(copy_fraction=1.0, copy_repeats=COPY_REPEATS, copy_vocab=COPY_VOCAB)  # the copy study's data
 
 
