@@ -14,7 +14,8 @@ from dsv2.info import parameter_counts
 
 
 def _cfg(study, name, s=Scale(), vocab=1000):
-    return ModelConfig.from_preset("tiny", **{**base_model(s, vocab), **split_variant(study_variants(study, s)[name])[0]})
+    model_overrides, _ = split_variant(study_variants(study, s)[name])
+    return ModelConfig.from_preset("tiny", **{**base_model(s, vocab), **model_overrides})
 
 
 @pytest.mark.parametrize("hidden", [64, 128])
@@ -188,4 +189,5 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
     speeds = [json.loads(line)["tokens_per_s"] for line in
               (out / "runs" / "MHA-seed0" / "metrics.jsonl").read_text().splitlines() if "tokens_per_s" in line]
     again = json.loads((out / "runs" / "MHA-seed0" / "result.json").read_text())
-    assert again["tokens_per_s"] == pytest.approx(sum(speeds) / len(speeds)) and again["copy_loss"] == rows["MHA"]["copy_loss"]
+    assert again["tokens_per_s"] == pytest.approx(sum(speeds) / len(speeds))
+    assert again["copy_loss"] == rows["MHA"]["copy_loss"]

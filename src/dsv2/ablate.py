@@ -212,7 +212,7 @@ def run_variant(run_dir: Path, model: dict, s: Scale, seed: int, tokenizer: Path
            # a run that finished before this process (interrupted after its last checkpoint) trained no step here:
            # its logged speed then
            "tokens_per_s": summary["tokens_per_s"] or statistics.fmean(
-               [r["tokens_per_s"] for r in records if "tokens_per_s" in r] or [float("nan")]),
+               r["tokens_per_s"] for r in records if "tokens_per_s" in r),
            "eval_curve": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
            "train_curve": [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r],
            "load_curve": [(r["step"], *load_stats(torch.tensor(r["expert_tokens"])))
@@ -433,7 +433,7 @@ def ablate(study: str, out: str | Path, seeds: list[int] = (0, 1), scale: Scale 
            vocab_size: int | None = None, max_bytes: int | None = None, progress: bool = True) -> dict:
     """Run one study into `out`; returns the table (also written as out/ablation.json and out/table.md)."""
     s = scale or default_scale(study)
-    all_variants = study_variants(study, s)
+    all_variants = {n: split_variant(v) for n, v in study_variants(study, s).items()}  # (model, recipe) overrides
     names = list(all_variants) if not variants else variants
     unknown = [v for v in names if v not in all_variants]
     if unknown:
@@ -446,13 +446,13 @@ def ablate(study: str, out: str | Path, seeds: list[int] = (0, 1), scale: Scale 
     tok_dir, tokens = prepare_data(out, data, tokenizer, vocab_size, max_bytes, progress)
     base = base_model(s, Tokenizer.load(tok_dir).vocab_size)
     for name in names:  # every config is checked before anything trains
-        ModelConfig.from_preset("tiny", **{**base, **split_variant(all_variants[name])[0]})
+        ModelConfig.from_preset("tiny", **{**base, **all_variants[name][0]})
     results: dict[str, list[dict]] = {n: [] for n in names}
     jobs = [(seed, n) for seed in seeds for n in names]  # seed-major: one full comparison first
     bar = tqdm(jobs, desc=f"ablate {study}", unit="run", disable=not progress)
     for seed, name in bar:
         bar.set_postfix_str(f"{name} seed {seed}")
-        model, recipe = split_variant(all_variants[name])
+        model, recipe = all_variants[name]
         res = run_variant(out / "runs" / f"{name}-seed{seed}", {**base, **model}, s, seed, tok_dir, tokens, data,
                           max_bytes, progress=False, copy=study == "copy", extra=recipe)
         results[name].append(res)
