@@ -49,6 +49,12 @@ def test_cosine_schedule():
         lr_at(0, 1.0, 10, schedule="linear")
 
 
+def test_constant_schedule_holds_the_peak_after_the_warmup():
+    kw = dict(max_lr=2e-3, max_steps=100, warmup_steps=10, schedule="constant")
+    assert lr_at(4, **kw) == pytest.approx(1e-3)
+    assert [lr_at(s, **kw) for s in (9, 10, 60, 90, 99, 500)] == [2e-3] * 6
+
+
 def test_batch_ramp():
     sizes = [batch_size_at(s, 64, start=16, ramp_steps=10, multiple_of=4) for s in range(12)]
     assert sizes[0] == 16 and sizes[10] == sizes[11] == 64

@@ -39,7 +39,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, beta
 def lr_at(step: int, max_lr: float, max_steps: int, warmup_steps: int = 0, schedule: str = "step",
           min_lr_ratio: float = 0.1) -> float:
     """Learning rate for 0-based `step`: linear warmup to max_lr over warmup_steps, then either the paper's step
-    decay (x0.316 once past 60% of max_steps and again past 90%) or a cosine down to min_lr_ratio * max_lr."""
+    decay (x0.316 once past 60% of max_steps and again past 90%), a cosine down to min_lr_ratio * max_lr, or
+    "constant" (max_lr to the end: a run to be stopped or continued at will)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if schedule == "step":
@@ -47,7 +48,9 @@ def lr_at(step: int, max_lr: float, max_steps: int, warmup_steps: int = 0, sched
     if schedule == "cosine":
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-    raise ValueError(f"unknown lr schedule {schedule!r} (use 'step' or 'cosine')")
+    if schedule == "constant":
+        return max_lr
+    raise ValueError(f"unknown lr schedule {schedule!r} (use 'step', 'cosine' or 'constant')")
 
 
 def batch_size_at(step: int, batch_size: int, start: int = 0, ramp_steps: int = 0, multiple_of: int = 1) -> int:

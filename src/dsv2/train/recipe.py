@@ -55,7 +55,7 @@ class RunRecipe:
     # optimizer and schedule
     max_steps: int = 1000
     lr: float = 3e-3
-    schedule: str = "step"  # "step" (the paper's) or "cosine"
+    schedule: str = "step"  # "step" (the paper's), "cosine" or "constant" (after the warmup)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine floor
     weight_decay: float = 0.1
@@ -85,7 +85,8 @@ class RunRecipe:
             _need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _need(self.lr > 0, f"lr must be positive, got {self.lr}")
         _need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")
-        _need(self.schedule in ("step", "cosine"), f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        _need(self.schedule in ("step", "cosine", "constant"),
+              f"schedule must be 'step', 'cosine' or 'constant', got {self.schedule!r}")
         _need(self.dtype in ("auto", "float32", "bfloat16"),
               f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         _need(self.batch_size_start <= self.batch_size, "batch_size_start must be <= batch_size")

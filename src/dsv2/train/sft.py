@@ -56,7 +56,7 @@ class SFTRecipe(RunRecipe):
     batch_size: int = 16  # global sequences per optimizer step
     max_steps: int = 200  # used when epochs is 0
     lr: float = 3e-4  # peak learning rate
-    schedule: str = "cosine"  # "step" or "cosine"
+    schedule: str = "cosine"  # "step", "cosine" or "constant"
     warmup_steps: int = 10  # linear warmup steps
     eval_every: int = 50  # steps between held-out evaluations
     save_every: int = 100  # steps between checkpoints
