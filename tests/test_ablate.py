@@ -152,10 +152,10 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
     monkeypatch.setattr(ablate_mod, "copy_check", spy)
     out = tmp_path / "copy"
     assert main(["ablate", "copy", "--out", str(out), "--data", str(corpus), "--seeds", "0", "--variants",
-                 "MLA,MHA,MLA-frozen-latents", *TINY]) == 0
+                 "MLA,MHA,MLA-frozen-latents,MLA-narrow-frozen-latents", *TINY]) == 0
     report = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
-    assert list(rows) == ["MLA", "MHA", "MLA-frozen-latents"] and len(seen) == 3
+    assert list(rows) == ["MLA", "MHA", "MLA-frozen-latents", "MLA-narrow-frozen-latents"] and len(seen) == 4
     for name, row in rows.items():
         run = out / "runs" / f"{name}-seed0"
         ckpt = next((run / "checkpoints").iterdir())
@@ -165,7 +165,11 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
         assert cfg.first_k_dense_replace == cfg.num_hidden_layers == 2  # attention alone differs
         assert cfg.attention_type == name.split("-")[0].lower()
         # the frozen-latents variant's recipe reaches its run: 40% of the 4 steps
-        assert state["recipe"]["freeze_latents"] == (2 if name == "MLA-frozen-latents" else 0)
+        assert state["recipe"]["freeze_latents"] == (2 if "frozen" in name else 0)
+        # the latent: 4 d_h (V2's ratio), the narrow variant's d_h
+        if name.startswith("MLA"):
+            head_dim = cfg.hidden_size // cfg.num_attention_heads
+            assert cfg.kv_lora_rank == head_dim * (1 if "narrow" in name else 4)
         losses = [json.loads(line)["lm_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
                   if "lm_loss" in json.loads(line)]
         tail = losses[-max(1, len(losses) // 10):]

@@ -17,7 +17,9 @@ DIR/loss.png (held-out loss over training) and DIR/expert_load.png (max/mean exp
                 induction step (the first logged step whose loss is below halfway between uniform guessing, ln V,
                 and a perfect copier, about ln V / 4) and the copy check of `dsv2 eval niah` (greedy; 32 prompts).
                 Also MLA-frozen-latents: MLA whose latent down-projection W_DKV starts orthogonal and gets no
-                update for the first 40% of the steps (--freeze-latents of every training command).
+                update for the first 40% of the steps (--freeze-latents of every training command), and
+                MLA-narrow-frozen-latents: the same with a latent of d_h instead of 4 d_h (at 4 heads: h/4 wide
+                instead of h, the `small` preset's ratio).
                 Its own scale defaults: h 128, 2 layers, 1500 steps of 16 x 128 tokens, lr 1e-3
 
     dsv2 ablate attention --out runs/ablate_attention                 # CPU defaults, 2 seeds
@@ -127,7 +129,10 @@ def study_variants(study: str, s: Scale) -> dict[str, dict]:
     if study == "copy":  # attention alone differs: a dense FFN in every layer (no routing noise, faster runs)
         dense = {"first_k_dense_replace": s.layers}
         return {**{name: {**v, **dense} for name, v in study_variants("attention", s).items()},
-                "MLA-frozen-latents": {**dense, "recipe": {"freeze_latents": round(0.4 * s.steps)}}}
+                "MLA-frozen-latents": {**dense, "recipe": {"freeze_latents": round(0.4 * s.steps)}},
+                # the same lever with a latent of d_h instead of 4 d_h: h/4 at 4 heads, the small preset's ratio
+                "MLA-narrow-frozen-latents": {**dense, "kv_lora_rank": max(1, s.hidden_size // s.heads),
+                                              "recipe": {"freeze_latents": round(0.4 * s.steps)}}}
     raise ValueError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
 
 
