@@ -5,6 +5,8 @@
 #
 #   bash runs/long_context.sh                    # writes runs/long_context/ (summary.json, niah_grids.png, ppl.png)
 #   RETRIEVAL_STEPS=200 EXTEND_STEPS=100 bash runs/long_context.sh   # longer (the defaults fit a shared 2-core CPU)
+#   BASE=CKPT FREEZE_LATENTS=1000000 bash runs/long_context.sh   # another base (one that copies), its latents held
+#   KV_FRACTION=0.5 COPY_FRACTION=0.25 bash runs/long_context.sh  # the retrieval stage's mixture (default 0.9 / 0)
 #
 # 1. retrieval: the demo model (runs/demo, `dsv2 demo` makes it) only saw Python; it is first taught the needle
 #    format at its own length 256 (dsv2 extend --rope none --seq-len 256: no scaling, 90% synthetic key-value
@@ -30,7 +32,7 @@ mkdir -p "$OUT"
 
 latest() { ls -d "$1"/checkpoints/step-* 2>/dev/null | sort | tail -1; }
 
-BASE=$(latest runs/demo)
+BASE=${BASE:-$(latest runs/demo)}
 if [ -z "$BASE" ]; then
   $DSV2 demo
   BASE=$(latest runs/demo)
@@ -38,8 +40,9 @@ fi
 echo "base: $BASE (trained at $($PY -c "from dsv2.train.extend import trained_length; print(trained_length('$BASE'))") tokens)"
 
 VAL_FRACTION=${VAL_FRACTION:-0.005}
+FREEZE_LATENTS=${FREEZE_LATENTS:-0}  # > 0: every stage holds the base's latent down-projections (--freeze-latents)
 COMMON=(--max-bytes 5000000 --val-fraction "$VAL_FRACTION" --eval-batches 1 --log-every 1 --keep-last 1 --seed 0 \
-        --no-progress)
+        --no-progress --freeze-latents "$FREEZE_LATENTS")
 
 # memory: one training step (forward + backward, micro-batch 1) at the longest length, in a fresh process: the peak
 # resident set over the step, minus the resident set before it (the model, optimizer-free). Training attention is
@@ -66,7 +69,8 @@ MEM
 SHORT=$BASE
 if [ "$RETRIEVAL_STEPS" -gt 0 ] && [ -z "$(latest "$OUT/retrieval")" ]; then
   $DSV2 extend --init-from "$BASE" --rope none --seq-len 256 --steps "$RETRIEVAL_STEPS" --batch-size 16 \
-    --kv-fraction 0.9 --lr 1e-3 --warmup-steps 5 --eval-every "$RETRIEVAL_STEPS" --save-every "$RETRIEVAL_STEPS" \
+    --kv-fraction "${KV_FRACTION:-0.9}" --copy-fraction "${COPY_FRACTION:-0}" --lr 1e-3 --warmup-steps 5 \
+    --eval-every "$RETRIEVAL_STEPS" --save-every "$RETRIEVAL_STEPS" \
     --out "$OUT/retrieval" "${COMMON[@]}"
 fi
 [ "$RETRIEVAL_STEPS" -gt 0 ] && SHORT=$(latest "$OUT/retrieval")

@@ -63,7 +63,7 @@ class RunRecipe:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
     init_std: float | None = None  # None: the preset's initializer_range
-    freeze_latents: int = 0  # the q/kv latent down-projections (W_DQ, W_DKV) get no gradient for this many first steps; a new model draws them orthogonal. Copying from context forms far sooner (docs/ablations.md)
+    freeze_latents: int = 0  # the q/kv latent down-projections (W_DQ, W_DKV) get no gradient for this many first steps; a new model draws them orthogonal. With a latent as wide as the hidden state, copying from context forms far sooner (docs/ablations.md)
     seed: int = 0
     # hardware
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32 / bfloat16
