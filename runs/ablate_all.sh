@@ -21,5 +21,6 @@ TOK=(--tokenizer runs/ablate_attention/tokenizer)
 "$DSV2" ablate attention --out runs/ablate_attention_long "${TOK[@]}" --steps 480 --evals 4 --variants MLA,MHA \
   --seeds 0,1 "${COMMON[@]}" "$@"
 # when does each attention learn to copy from its context (section 5)
-"$DSV2" ablate copy --out runs/ablate_copy --seeds 0 --variants MHA,GQA-2,MQA,MLA,MLA-frozen-latents,MLA-narrow-frozen-latents --no-progress "$@"
+"$DSV2" ablate copy --out runs/ablate_copy --seeds 0 \
+  --variants MHA,GQA-2,MQA,MLA,MLA-frozen-latents,MLA-narrow-frozen-latents --no-progress "$@"
 "$DSV2" ablate copy --out runs/ablate_copy_long --seeds 0 --variants MLA --steps 4000 --no-progress "$@"
