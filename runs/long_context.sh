@@ -27,6 +27,9 @@ LENGTHS=${LENGTHS:-256,512,1024,2048}
 DEPTHS=${DEPTHS:-0,50,100}
 TRIALS=${TRIALS:-2}
 PPL_SEQUENCES=${PPL_SEQUENCES:-4}
+KV_FRACTION=${KV_FRACTION:-0.9}      # the retrieval stage's mixture: key-value retrieval sequences ...
+COPY_FRACTION=${COPY_FRACTION:-0}    # ... and copy sequences (the rest is corpus text)
+FREEZE_LATENTS=${FREEZE_LATENTS:-0}  # > 0: every stage holds the base's latent down-projections (--freeze-latents)
 start=$(date +%s)
 mkdir -p "$OUT"
 
@@ -40,7 +43,6 @@ fi
 echo "base: $BASE (trained at $($PY -c "from dsv2.train.extend import trained_length; print(trained_length('$BASE'))") tokens)"
 
 VAL_FRACTION=${VAL_FRACTION:-0.005}
-FREEZE_LATENTS=${FREEZE_LATENTS:-0}  # > 0: every stage holds the base's latent down-projections (--freeze-latents)
 COMMON=(--max-bytes 5000000 --val-fraction "$VAL_FRACTION" --eval-batches 1 --log-every 1 --keep-last 1 --seed 0 \
         --no-progress --freeze-latents "$FREEZE_LATENTS")
 
@@ -69,7 +71,7 @@ MEM
 SHORT=$BASE
 if [ "$RETRIEVAL_STEPS" -gt 0 ] && [ -z "$(latest "$OUT/retrieval")" ]; then
   $DSV2 extend --init-from "$BASE" --rope none --seq-len 256 --steps "$RETRIEVAL_STEPS" --batch-size 16 \
-    --kv-fraction "${KV_FRACTION:-0.9}" --copy-fraction "${COPY_FRACTION:-0}" --lr 1e-3 --warmup-steps 5 \
+    --kv-fraction "$KV_FRACTION" --copy-fraction "$COPY_FRACTION" --lr 1e-3 --warmup-steps 5 \
     --eval-every "$RETRIEVAL_STEPS" --save-every "$RETRIEVAL_STEPS" \
     --out "$OUT/retrieval" "${COMMON[@]}"
 fi

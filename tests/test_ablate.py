@@ -164,7 +164,7 @@ def test_copy_study_trains_on_copying_and_reports_the_copy_check(tmp_path, corpu
         cfg = ModelConfig.from_hf(ckpt)
         assert cfg.first_k_dense_replace == cfg.num_hidden_layers == 2  # attention alone differs
         assert cfg.attention_type == name.split("-")[0].lower()
-        # the frozen-latents variant's recipe reaches its run: 40% of the 4 steps
+        # the frozen-latents variants' recipe reaches their runs: 40% of the 4 steps
         assert state["recipe"]["freeze_latents"] == (2 if "frozen" in name else 0)
         # the latent: 4 d_h (V2's ratio), the narrow variant's d_h
         if name.startswith("MLA"):

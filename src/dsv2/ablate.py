@@ -128,11 +128,11 @@ def study_variants(study: str, s: Scale) -> dict[str, dict]:
         return {"device-limited": {}, "unrestricted": dict(topk_method="greedy")}
     if study == "copy":  # attention alone differs: a dense FFN in every layer (no routing noise, faster runs)
         dense = {"first_k_dense_replace": s.layers}
+        frozen = {**dense, "recipe": {"freeze_latents": round(0.4 * s.steps)}}
         return {**{name: {**v, **dense} for name, v in study_variants("attention", s).items()},
-                "MLA-frozen-latents": {**dense, "recipe": {"freeze_latents": round(0.4 * s.steps)}},
+                "MLA-frozen-latents": frozen,
                 # the same lever with a latent of d_h instead of 4 d_h: h/4 at 4 heads, the small preset's ratio
-                "MLA-narrow-frozen-latents": {**dense, "kv_lora_rank": max(1, s.hidden_size // s.heads),
-                                              "recipe": {"freeze_latents": round(0.4 * s.steps)}}}
+                "MLA-narrow-frozen-latents": {**frozen, "kv_lora_rank": max(1, s.hidden_size // s.heads)}}
     raise ValueError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 STEP_DECAY = 0.316
 STEP_POINTS = (0.6, 0.9)
+SCHEDULES = ("step", "cosine", "constant")  # lr_at's schedules; recipes validate against this
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -50,7 +51,7 @@ def lr_at(step: int, max_lr: float, max_steps: int, warmup_steps: int = 0, sched
         return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     if schedule == "constant":
         return max_lr
-    raise ValueError(f"unknown lr schedule {schedule!r} (use 'step', 'cosine' or 'constant')")
+    raise ValueError(f"unknown lr schedule {schedule!r} (use one of {', '.join(SCHEDULES)})")
 
 
 def batch_size_at(step: int, batch_size: int, start: int = 0, ramp_steps: int = 0, multiple_of: int = 1) -> int:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv2.data import COPY_ALPHABET, COPY_REPEATS, COPY_VOCAB
+from dsv2.train.optim import SCHEDULES
 
 # what makes the model; a resumed run must not change these (the optimizer state and weights belong to it)
 MODEL_FIELDS = ("preset", "init_from", "model")
@@ -85,8 +86,7 @@ class RunRecipe:
             _need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _need(self.lr > 0, f"lr must be positive, got {self.lr}")
         _need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")
-        _need(self.schedule in ("step", "cosine", "constant"),
-              f"schedule must be 'step', 'cosine' or 'constant', got {self.schedule!r}")
+        _need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _need(self.dtype in ("auto", "float32", "bfloat16"),
               f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         _need(self.batch_size_start <= self.batch_size, "batch_size_start must be <= batch_size")
