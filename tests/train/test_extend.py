@@ -149,6 +149,24 @@ def test_copy_sequences_are_random_spans_each_repeated(tokenizer_dir):
         copy_palette(tok, 10)
 
 
+def test_copy_spans_from_text_are_windows_of_the_corpus(tokenizer_dir):
+    """copy source "text": each span is a window of the given corpus tokens at a random offset, written `repeats`
+    times, drawn only from the first n_text tokens."""
+    tok = Tokenizer.load(tokenizer_dir)
+    text = np.arange(10_000, 12_000, dtype=np.uint16)  # distinct ids: a window is a run of consecutive ones
+    block = copy_block(tok, 400, np.random.default_rng(0), repeats=2, text=text, n_text=1_000)
+    assert block[0] == tok.bos_id
+    body, i, starts = block[1:].tolist(), 0, []
+    while len(body) - i >= 2 * 32:
+        n = next(n for n in range(8, 33) if body[i + n] == body[i])  # where the window starts over
+        assert body[i:i + n] == list(range(body[i], body[i] + n)) == body[i + n:i + 2 * n]
+        starts.append(body[i])
+        i += 2 * n
+    assert len(starts) >= 4 and len(set(starts)) == len(starts) and max(starts) + 32 <= 11_000
+    with pytest.raises(ValueError, match="need more text than 20 tokens"):
+        copy_block(tok, 50, np.random.default_rng(0), text=text, n_text=20)
+
+
 def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
     assert main(["extend", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
     assert capsys.readouterr().err.strip() == ("error: extend needs --init-from CKPT: the checkpoint whose context to "
@@ -161,5 +179,7 @@ def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
         ExtendRecipe(copy_repeats=1).validate()
     with pytest.raises(ValueError, match="copy_vocab must be at least 36"):
         ExtendRecipe(copy_vocab=20).validate()
+    with pytest.raises(ValueError, match="copy_source must be one of random, text"):
+        ExtendRecipe(copy_source="prose").validate()
     with pytest.raises(ValueError, match="factor must be >= 1"):
         ExtendRecipe(factor=0.5).validate()

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 import dsv2
 from dsv2 import checkpoint as ckpt_mod
 from dsv2.cli import main
+from dsv2.data import PackedDataset
 from dsv2.train import pretrain as pt
 from dsv2.train.pretrain import TrainingError, checkpoints, latest_checkpoint, pretrain
 
@@ -93,13 +95,19 @@ def test_resume_is_exact(recipe, tmp_path):
 
 
 def test_copy_sequences_follow_the_recipe(recipe, tmp_path, monkeypatch):
-    """--copy-repeats and --copy-vocab reach the copy sequences the batches are made of."""
+    """--copy-repeats, --copy-vocab and --copy-source reach the copy sequences the batches are made of."""
     calls = []
     real = pt.copy_block
     monkeypatch.setattr(pt, "copy_block", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
     r = dataclasses.replace(recipe, copy_fraction=0.5, copy_repeats=3, copy_vocab=100, max_steps=1)
     pretrain(r, tmp_path, progress=False)
-    assert calls and all(k == {"repeats": 3, "vocab": 100} for k in calls)
+    assert calls and all(k["repeats"] == 3 and k["vocab"] == 100 and k["text"] is None for k in calls)
+    calls.clear()
+    pretrain(dataclasses.replace(r, copy_source="text"), tmp_path / "text", progress=False)
+    tokens = np.fromfile(tmp_path / "text" / "tokens.bin", dtype=calls[0]["text"].dtype)
+    ds = PackedDataset(tmp_path / "text" / "tokens.bin", r.seq_len, r.val_fraction)  # held-out blocks left out:
+    assert ds.n_val and calls and all(np.array_equal(k["text"], tokens) and k["n_text"] == ds.n_train * (r.seq_len + 1)
+                                      for k in calls)
     with pytest.raises(ValueError, match="copy vocabulary must be"):  # more tokens than the tokenizer has
         pretrain(dataclasses.replace(r, copy_vocab=10**6), tmp_path / "too_many", progress=False)
     assert not (tmp_path / "too_many" / "metrics.jsonl").exists()  # refused before the first step

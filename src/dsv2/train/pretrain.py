@@ -15,8 +15,9 @@ A micro-batch's loss is next-token cross-entropy plus the MoE balance losses (ex
 the held-out blocks give eval_loss and eval_ppl. The data position is the BatchLoader's (epoch, position).
 
 `--copy-fraction F` replaces that share of every batch by synthetic copy sequences (data.py copy_block: random
-spans of `--copy-vocab` tokens, each written `--copy-repeats` times), the induction pattern behind in-context
-copying and retrieval, which a small model trained briefly on text may not form (`dsv2 eval niah` checks it).
+spans of `--copy-vocab` tokens, or with `--copy-source text` spans of the training corpus, each written
+`--copy-repeats` times), the induction pattern behind in-context copying and retrieval, which a small model trained
+briefly on text may not form (`dsv2 eval niah` checks it).
 Sequence i is drawn from the generator seeded (seed, i, 1), and the number drawn is part of the data position, so
 resume is exact.
 """
@@ -94,9 +95,10 @@ class Pretrain(Stage):
         if batch_size - reserved - n_copy > 0:
             parts.append(self.loader.next_batch(batch_size - reserved - n_copy))  # [B' / world_size, T] x 2
         if n_copy:
+            ds, text = self.loader.dataset, r.copy_source == "text"
             parts.append(synthetic_part(run, n_copy, self.copy_drawn, lambda i: copy_block(
                 run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)), repeats=r.copy_repeats,
-                vocab=r.copy_vocab)))
+                vocab=r.copy_vocab, text=ds.tokens if text else None, n_text=ds.n_train * (ds.seq_len + 1))))
             self.copy_drawn += n_copy
         return parts
 

@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv2.data import COPY_ALPHABET, COPY_REPEATS, COPY_VOCAB
+from dsv2.data import COPY_ALPHABET, COPY_REPEATS, COPY_SOURCES, COPY_VOCAB
 from dsv2.train.optim import SCHEDULES
 
 # what makes the model; a resumed run must not change these (the optimizer state and weights belong to it)
@@ -117,6 +117,7 @@ class Recipe(RunRecipe):
     copy_fraction: float = 0.0  # share of each batch from synthetic copy sequences (data.copy_block; 0: none)
     copy_repeats: int = COPY_REPEATS  # times each random span is written in a copy sequence (at least 2)
     copy_vocab: int = COPY_VOCAB  # distinct tokens copy sequences draw from (letters, digits, then other tokens)
+    copy_source: str = "random"  # "random" (spans of --copy-vocab tokens) or "text" (spans of the training corpus)
 
     def validate(self) -> None:
         super().validate()
@@ -125,6 +126,8 @@ class Recipe(RunRecipe):
         _need(self.copy_repeats >= 2, f"copy_repeats must be at least 2, got {self.copy_repeats}")
         _need(self.copy_vocab >= len(COPY_ALPHABET),
               f"copy_vocab must be at least {len(COPY_ALPHABET)} (the letters and digits), got {self.copy_vocab}")
+        _need(self.copy_source in COPY_SOURCES,
+              f"copy_source must be one of {', '.join(COPY_SOURCES)}, got {self.copy_source!r}")
 
 
 def load_toml(path: str | Path) -> dict:
