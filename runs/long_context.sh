@@ -124,7 +124,7 @@ for ax, (name, d) in zip(axes[0], done.items()):
         continue
     niah = json.loads((out / d / "eval" / "niah.json").read_text())
     summary[d].update(niah_by_length=niah["mean"], niah_accuracy=niah["accuracy"],
-                      copy_accuracy=niah.get("copy_accuracy"))
+                      copy_accuracy=niah.get("copy_accuracy"), copy_in_text_accuracy=niah.get("copy_in_text_accuracy"))
     im = ax.imshow(np.asarray(niah["accuracy"]).T, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(niah["lengths"])), niah["lengths"])
     ax.set_yticks(range(len(niah["depths"])), [f"{x}%" for x in niah["depths"]])
@@ -134,10 +134,11 @@ fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1)
 fig.savefig(out / "niah_grids.png", dpi=70)
 plot_ppl(ppl, out / "ppl.png", trained=256)
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print(f"{'model':<32} NIAH accuracy by length        loss<256  loss>=256  copy check")
+print(f"{'model':<32} NIAH accuracy by length        loss<256  loss>=256  copy check (plain / in text)")
 for name, d in done.items():
     s = summary[d]
+    checks = " / ".join("-" if s.get(k) is None else f"{s[k]:.2f}" for k in ("copy_accuracy", "copy_in_text_accuracy"))
     print(f"{name:<32} {json.dumps(s.get('niah_by_length', 'not run')):<30} {s['loss_first_256']:8.3f}  "
-          f"{s['loss_after_256']:8.3f}  {s['copy_accuracy'] if s.get('copy_accuracy') is not None else '-':>10}")
+          f"{s['loss_after_256']:8.3f}  {checks}")
 print(f"wall time {summary['wall_s']} s; wrote {out}/summary.json, niah_grids.png, ppl.png")
 EOF

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dsv2.cli import main
+from dsv2.data import copy_palette
 from dsv2.eval.niah import build_trials, copy_check, filler_tokens, retrieved, run_niah
 
 NEEDLE_RE = re.compile(r"# The secret number of (\w+) is (\d+)\.")
@@ -80,6 +81,19 @@ def test_copy_check_scores_a_copier_and_a_model_that_does_not_look_back(tokenize
     half = iter(range(10**6))
     assert copy_check(tokenizer, lambda ps: [induction([p])[0] if next(half) % 2 else [] for p in ps],
                       trials=12) == 0.5
+    # inside text: the span comes after `text` filler tokens and its repeat after `text` more
+    filler = filler_tokens(tokenizer, 2000)
+    seen = []
+    assert copy_check(tokenizer, lambda ps: (seen.extend(ps), induction(ps))[1], trials=12, filler=filler) == 1.0
+    assert all(len(p) == 1 + 48 + 16 + 48 + 4 for p in seen)
+    assert all(any(p[1:49] == filler[i:i + 48].tolist() for i in range(len(filler) - 48)) for p in seen[:3])
+
+    def plain_only(prompts):  # copies only when the span follows bos directly: the model of docs/long_context.md
+        return [induction([p])[0] if set(p[1:5]) <= alphabet else [] for p in prompts]
+
+    alphabet = set(copy_palette(tokenizer, None).tolist())
+    assert copy_check(tokenizer, plain_only, trials=12) == 1.0
+    assert copy_check(tokenizer, plain_only, trials=12, filler=filler) == 0.0
 
 
 def test_cli_runs_the_grid_on_the_engine(tiny_checkpoint, tmp_path, capsys):
@@ -88,7 +102,8 @@ def test_cli_runs_the_grid_on_the_engine(tiny_checkpoint, tmp_path, capsys):
                  "--trials", "2", "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "niah.json").read_text())
     assert res["lengths"] == [64, 128] and res["depths"] == [0, 100] and len(res["trials"]) == 8
-    assert 0.0 <= res["copy_accuracy"] <= 1.0 and "copy check:" in capsys.readouterr().out
+    assert 0.0 <= res["copy_accuracy"] <= 1.0 and 0.0 <= res["copy_in_text_accuracy"] <= 1.0
+    assert "copy check:" in (printed := capsys.readouterr().out) and "copy check inside text:" in printed
     assert (out / "niah.png").stat().st_size > 1000
     assert main(["eval", "niah", "--model", str(tiny_checkpoint), "--lengths", "250"]) == 2
     assert "leave no room to answer" in capsys.readouterr().err
