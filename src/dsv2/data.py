@@ -423,12 +423,12 @@ def copy_palette(tokenizer, size: int | None = COPY_VOCAB) -> np.ndarray:
     return np.concatenate([np.asarray(alphabet, dtype=np.int64), np.sort(extra).astype(np.int64)])
 
 
-COPY_SOURCES = ("random", "text")  # where copy spans come from (copy_block's palette, or windows of the corpus)
+COPY_SOURCES = ("random", "text", "mixed")  # copy spans: palette tokens, corpus windows, palette spans amid text
 
 
 def copy_block(tokenizer, length: int, rng: np.random.Generator, min_span: int = 8, max_span: int = 32,
                repeats: int = COPY_REPEATS, vocab: int | None = COPY_VOCAB, text: np.ndarray | None = None,
-               n_text: int = 0) -> np.ndarray:
+               n_text: int = 0, mixed: bool = False) -> np.ndarray:
     """One training sequence of `length` token ids that only a model able to look back can predict: bos, then
     random spans (min_span..max_span tokens drawn from copy_palette(tokenizer, vocab)), each written `repeats`
     times in a row. Every repeat is predictable only by finding the current token earlier and copying what followed
@@ -444,21 +444,30 @@ def copy_block(tokenizer, length: int, rng: np.random.Generator, min_span: int =
     text (with n_text, the tokens of it to draw from): each span is instead a window of that corpus text at a random
     offset (copy source "text"). A model that copies random strings need not copy inside prose or code: one that
     continued 16/16 random spans after random letters continued 0/16 of them inside corpus text
-    (docs/long_context.md); spans of text teach the same pattern where retrieval needs it."""
+    (docs/long_context.md); spans of text teach the same pattern where retrieval needs it. mixed (copy source
+    "mixed", with text): palette spans again, but every occurrence follows a window of 0..max_span corpus tokens, so
+    the spans and their repeats sit amid text as a needle does."""
     if repeats < 2:
         raise ValueError(f"a copy sequence needs at least 2 repeats of each span, got {repeats}")
     if text is not None and n_text <= max_span:
         raise ValueError(f"copy spans of up to {max_span} tokens need more text than {n_text} tokens")
-    palette = copy_palette(tokenizer, vocab) if text is None else None
+    if mixed and text is None:
+        raise ValueError("mixed copy sequences need corpus text")
+    palette = copy_palette(tokenizer, vocab) if text is None or mixed else None
+
+    def window(n: int) -> list[int]:
+        start = int(rng.integers(0, n_text - n))
+        return text[start:start + n].astype(np.int64).tolist()
+
     out = [tokenizer.bos_id]
     while len(out) < length:
         n = int(rng.integers(min_span, max_span + 1))
-        if text is None:
-            span = palette[rng.integers(0, len(palette), n)].tolist()
-        else:
-            start = int(rng.integers(0, n_text - n))
-            span = text[start:start + n].astype(np.int64).tolist()
-        out += span * repeats
+        span = window(n) if palette is None else palette[rng.integers(0, len(palette), n)].tolist()
+        if not mixed:
+            out += span * repeats
+            continue
+        for _ in range(repeats):
+            out += window(int(rng.integers(0, max_span + 1))) + span
     return np.asarray(out[:length], dtype=np.int64)
 
 

@@ -149,9 +149,9 @@ def test_copy_sequences_are_random_spans_each_repeated(tokenizer_dir):
         copy_palette(tok, 10)
 
 
-def test_copy_spans_from_text_are_windows_of_the_corpus(tokenizer_dir):
+def test_copy_spans_from_text_and_amid_text(tokenizer_dir):
     """copy source "text": each span is a window of the given corpus tokens at a random offset, written `repeats`
-    times, drawn only from the first n_text tokens."""
+    times, drawn only from the first n_text tokens; "mixed": palette spans amid such windows."""
     tok = Tokenizer.load(tokenizer_dir)
     text = np.arange(10_000, 12_000, dtype=np.uint16)  # distinct ids: a window is a run of consecutive ones
     block = copy_block(tok, 400, np.random.default_rng(0), repeats=2, text=text, n_text=1_000)
@@ -166,6 +166,26 @@ def test_copy_spans_from_text_are_windows_of_the_corpus(tokenizer_dir):
     with pytest.raises(ValueError, match="need more text than 20 tokens"):
         copy_block(tok, 50, np.random.default_rng(0), text=text, n_text=20)
 
+    # "mixed": palette spans as before, each of their occurrences after a window of 0..32 corpus tokens
+    palette = set(copy_palette(tok, 36).tolist())
+    body = copy_block(tok, 600, np.random.default_rng(1), repeats=3, vocab=36, text=text, n_text=1_000,
+                      mixed=True)[1:].tolist()
+    assert set(body) <= palette | set(range(10_000, 11_000))
+    runs, cur = [], [body[0]]  # maximal runs of text (consecutive ids) and of palette tokens
+    for a, b in zip(body, body[1:]):
+        if (a >= 10_000) == (b >= 10_000) and (a < 10_000 or b == a + 1):
+            cur.append(b)
+        else:
+            runs.append(cur)
+            cur = [b]
+    spans = [r for r in runs if r[0] < 10_000]
+    windows = [r for r in runs if r[0] >= 10_000]
+    assert len(windows) >= 6 and all(len(w) <= 32 for w in windows) and len(spans) >= 6
+    for i in range(0, len(spans) - 3, 3):  # every span three times, text (almost always) between
+        assert 8 <= len(spans[i]) <= 32 and spans[i] == spans[i + 1] == spans[i + 2] != spans[i + 3]
+    with pytest.raises(ValueError, match="mixed copy sequences need corpus text"):
+        copy_block(tok, 50, np.random.default_rng(0), mixed=True)
+
 
 def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
     assert main(["extend", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
@@ -179,7 +199,7 @@ def test_extend_needs_init_from_and_a_known_rope(tmp_path, capsys):
         ExtendRecipe(copy_repeats=1).validate()
     with pytest.raises(ValueError, match="copy_vocab must be at least 36"):
         ExtendRecipe(copy_vocab=20).validate()
-    with pytest.raises(ValueError, match="copy_source must be one of random, text"):
+    with pytest.raises(ValueError, match="copy_source must be one of random, text, mixed"):
         ExtendRecipe(copy_source="prose").validate()
     with pytest.raises(ValueError, match="factor must be >= 1"):
         ExtendRecipe(factor=0.5).validate()

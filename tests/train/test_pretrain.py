@@ -101,13 +101,17 @@ def test_copy_sequences_follow_the_recipe(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(pt, "copy_block", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
     r = dataclasses.replace(recipe, copy_fraction=0.5, copy_repeats=3, copy_vocab=100, max_steps=1)
     pretrain(r, tmp_path, progress=False)
-    assert calls and all(k["repeats"] == 3 and k["vocab"] == 100 and k["text"] is None for k in calls)
+    assert calls and all(k["repeats"] == 3 and k["vocab"] == 100 and k["text"] is None and not k["mixed"]
+                         for k in calls)
     calls.clear()
     pretrain(dataclasses.replace(r, copy_source="text"), tmp_path / "text", progress=False)
     tokens = np.fromfile(tmp_path / "text" / "tokens.bin", dtype=calls[0]["text"].dtype)
     ds = PackedDataset(tmp_path / "text" / "tokens.bin", r.seq_len, r.val_fraction)  # held-out blocks left out:
     assert ds.n_val and calls and all(np.array_equal(k["text"], tokens) and k["n_text"] == ds.n_train * (r.seq_len + 1)
-                                      for k in calls)
+                                      and not k["mixed"] for k in calls)
+    calls.clear()
+    pretrain(dataclasses.replace(r, copy_source="mixed"), tmp_path / "mixed", progress=False)
+    assert calls and all(k["text"] is not None and k["mixed"] for k in calls)
     with pytest.raises(ValueError, match="copy vocabulary must be"):  # more tokens than the tokenizer has
         pretrain(dataclasses.replace(r, copy_vocab=10**6), tmp_path / "too_many", progress=False)
     assert not (tmp_path / "too_many" / "metrics.jsonl").exists()  # refused before the first step

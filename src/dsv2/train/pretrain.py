@@ -95,10 +95,11 @@ class Pretrain(Stage):
         if batch_size - reserved - n_copy > 0:
             parts.append(self.loader.next_batch(batch_size - reserved - n_copy))  # [B' / world_size, T] x 2
         if n_copy:
-            ds, text = self.loader.dataset, r.copy_source == "text"
+            ds, text = self.loader.dataset, r.copy_source != "random"
             parts.append(synthetic_part(run, n_copy, self.copy_drawn, lambda i: copy_block(
                 run.tok, r.seq_len + 1, np.random.default_rng((r.seed, i, 1)), repeats=r.copy_repeats,
-                vocab=r.copy_vocab, text=ds.tokens if text else None, n_text=ds.n_train * (ds.seq_len + 1))))
+                vocab=r.copy_vocab, text=ds.tokens if text else None, n_text=ds.n_train * (ds.seq_len + 1),
+                mixed=r.copy_source == "mixed")))
             self.copy_drawn += n_copy
         return parts
 

@@ -117,7 +117,7 @@ class Recipe(RunRecipe):
     copy_fraction: float = 0.0  # share of each batch from synthetic copy sequences (data.copy_block; 0: none)
     copy_repeats: int = COPY_REPEATS  # times each random span is written in a copy sequence (at least 2)
     copy_vocab: int = COPY_VOCAB  # distinct tokens copy sequences draw from (letters, digits, then other tokens)
-    copy_source: str = "random"  # "random" (spans of --copy-vocab tokens) or "text" (spans of the training corpus)
+    copy_source: str = "random"  # "random" (--copy-vocab spans), "text" (corpus windows), "mixed" (the first amid text)
 
     def validate(self) -> None:
         super().validate()
