@@ -7,6 +7,8 @@
 #   RETRIEVAL_STEPS=200 EXTEND_STEPS=100 bash runs/long_context.sh   # longer (the defaults fit a shared 2-core CPU)
 #   BASE=CKPT FREEZE_LATENTS=1000000 bash runs/long_context.sh   # another base (one that copies), its latents held
 #   KV_FRACTION=0.5 COPY_FRACTION=0.25 bash runs/long_context.sh  # the retrieval stage's mixture (default 0.9 / 0)
+#   COPY_SOURCE=mixed COPY_VOCAB=36 ...          # its copy spans amid text, of letters and digits
+#   ROPES=yarn bash runs/long_context.sh & ROPES=pi bash runs/long_context.sh   # variants side by side (same OUT)
 #
 # 1. retrieval: the demo model (runs/demo, `dsv2 demo` makes it) only saw Python; it is first taught the needle
 #    format at its own length 256 (dsv2 extend --rope none --seq-len 256: no scaling, 90% synthetic key-value
@@ -29,6 +31,8 @@ TRIALS=${TRIALS:-2}
 PPL_SEQUENCES=${PPL_SEQUENCES:-4}
 KV_FRACTION=${KV_FRACTION:-0.9}      # the retrieval stage's mixture: key-value retrieval sequences ...
 COPY_FRACTION=${COPY_FRACTION:-0}    # ... and copy sequences (the rest is corpus text)
+COPY_SOURCE=${COPY_SOURCE:-random}   # the copy sequences' spans: random / text / mixed (dsv2 extend --copy-source)
+COPY_VOCAB=${COPY_VOCAB:-256}        # palette size for random and mixed spans (36: letters and digits)
 FREEZE_LATENTS=${FREEZE_LATENTS:-0}  # > 0: every stage holds the base's latent down-projections (--freeze-latents)
 start=$(date +%s)
 mkdir -p "$OUT"
@@ -71,7 +75,8 @@ MEM
 SHORT=$BASE
 if [ "$RETRIEVAL_STEPS" -gt 0 ] && [ -z "$(latest "$OUT/retrieval")" ]; then
   $DSV2 extend --init-from "$BASE" --rope none --seq-len 256 --steps "$RETRIEVAL_STEPS" --batch-size 16 \
-    --kv-fraction "$KV_FRACTION" --copy-fraction "$COPY_FRACTION" --lr 1e-3 --warmup-steps 5 \
+    --kv-fraction "$KV_FRACTION" --copy-fraction "$COPY_FRACTION" --copy-source "$COPY_SOURCE" \
+    --copy-vocab "$COPY_VOCAB" --lr 1e-3 --warmup-steps 5 \
     --eval-every "$RETRIEVAL_STEPS" --save-every "$RETRIEVAL_STEPS" \
     --out "$OUT/retrieval" "${COMMON[@]}"
 fi
@@ -86,8 +91,8 @@ evaluate() {  # checkpoint, output dir
 mkdir -p "$OUT/short" && echo "$SHORT" > "$OUT/short/checkpoint.txt"
 [ -f "$OUT/short/eval/niah.json" ] || evaluate "$SHORT" "$OUT/short/eval"
 
-# 2. extension to 2048: YaRN, PI, none
-for rope in yarn pi none; do
+# 2. extension to 2048: YaRN, PI, none (ROPES: some of them, e.g. one per concurrent run of this script)
+for rope in ${ROPES:-yarn pi none}; do
   if [ -z "$(latest "$OUT/$rope")" ]; then
     $DSV2 extend --init-from "$SHORT" --rope "$rope" --factor 8 --seq-len 2048 --steps "$EXTEND_STEPS" \
       --batch-size "$EXTEND_BATCH" --micro-batch-size 1 --kv-fraction 0.75 --kv-max-needles 8 --lr 1e-3 \
@@ -124,6 +129,7 @@ for ax, (name, d) in zip(axes[0], done.items()):
         continue
     niah = json.loads((out / d / "eval" / "niah.json").read_text())
     summary[d].update(niah_by_length=niah["mean"], niah_accuracy=niah["accuracy"],
+                      niah_digits_by_length=niah.get("digit_mean"), niah_digit_accuracy=niah.get("digit_accuracy"),
                       copy_accuracy=niah.get("copy_accuracy"), copy_in_text_accuracy=niah.get("copy_in_text_accuracy"))
     im = ax.imshow(np.asarray(niah["accuracy"]).T, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(niah["lengths"])), niah["lengths"])
@@ -140,5 +146,7 @@ for name, d in done.items():
     checks = " / ".join("-" if s.get(k) is None else f"{s[k]:.2f}" for k in ("copy_accuracy", "copy_in_text_accuracy"))
     print(f"{name:<32} {json.dumps(s.get('niah_by_length', 'not run')):<30} {s['loss_first_256']:8.3f}  "
           f"{s['loss_after_256']:8.3f}  {checks}")
+    if s.get("niah_digits_by_length"):
+        print(f"{'  digits right in place':<32} {json.dumps(s['niah_digits_by_length'])}")
 print(f"wall time {summary['wall_s']} s; wrote {out}/summary.json, niah_grids.png, ppl.png")
 EOF

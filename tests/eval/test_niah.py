@@ -11,7 +11,7 @@ import pytest
 
 from dsv2.cli import main
 from dsv2.data import copy_palette
-from dsv2.eval.niah import build_trials, copy_check, filler_tokens, retrieved, run_niah
+from dsv2.eval.niah import build_trials, copy_check, digits_right, filler_tokens, retrieved, run_niah
 
 NEEDLE_RE = re.compile(r"# The secret number of (\w+) is (\d+)\.")
 
@@ -48,6 +48,14 @@ def test_exact_retrieval_scoring(answer, value, ok):
     assert retrieved(answer, value) is ok
 
 
+@pytest.mark.parametrize("answer,value,share", [
+    (" 12345.", "12345", 1.0), (" 12395.", "12345", 0.8), (" 23451.", "12345", 0.0), (" 123", "12345", 0.6),
+    (" 1234567", "12345", 1.0), (" x 12345", "12345", 0.0), ("", "12345", 0.0), ("\n 02340", "12345", 0.6),
+])
+def test_digit_scoring_gives_partial_credit_in_place(answer, value, share):
+    assert digits_right(answer, value) == pytest.approx(share)
+
+
 def test_grid_scores_forced_right_and_wrong_answers(tokenizer):
     def right_in_first_half(prompts):  # a "model" that retrieves only needles placed in the first half
         out = []
@@ -55,7 +63,7 @@ def test_grid_scores_forced_right_and_wrong_answers(tokenizer):
             value = _needle_value(tokenizer, p)
             text = tokenizer.decode(p)
             first_half = text.index(f"is {value}.") < len(text) / 2
-            answer = value if first_half else str(int(value) + 1)
+            answer = value if first_half else value[:3] + str(9 - int(value[3])) + str(9 - int(value[4]))
             out.append(tokenizer.encode(f" {answer}.\n"))
         return out
 
@@ -63,6 +71,9 @@ def test_grid_scores_forced_right_and_wrong_answers(tokenizer):
     assert res["accuracy"] == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
     assert res["mean"] == {"120": 0.5, "240": 0.5}
     assert sum(t["correct"] for t in res["trials"]) == 2 * 2 * 3
+    # the wrong answers keep the first 3 of 5 digits (9 - d never equals d)
+    assert res["digit_accuracy"] == [[1.0, 1.0, 0.6, 0.6], [1.0, 1.0, 0.6, 0.6]]
+    assert res["digit_mean"] == {"120": pytest.approx(0.8), "240": pytest.approx(0.8)}
 
 
 def test_copy_check_scores_a_copier_and_a_model_that_does_not_look_back(tokenizer):
@@ -103,7 +114,9 @@ def test_cli_runs_the_grid_on_the_engine(tiny_checkpoint, tmp_path, capsys):
     res = json.loads((out / "niah.json").read_text())
     assert res["lengths"] == [64, 128] and res["depths"] == [0, 100] and len(res["trials"]) == 8
     assert 0.0 <= res["copy_accuracy"] <= 1.0 and 0.0 <= res["copy_in_text_accuracy"] <= 1.0
-    assert "copy check:" in (printed := capsys.readouterr().out) and "copy check inside text:" in printed
+    assert [len(row) for row in res["digit_accuracy"]] == [2, 2] and set(res["digit_mean"]) == {"64", "128"}
+    printed = capsys.readouterr().out
+    assert "copy check:" in printed and "copy check inside text:" in printed and "\ndigits  " in printed
     assert (out / "niah.png").stat().st_size > 1000
     assert main(["eval", "niah", "--model", str(tiny_checkpoint), "--lengths", "250"]) == 2
     assert "leave no room to answer" in capsys.readouterr().err

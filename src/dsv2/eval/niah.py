@@ -7,8 +7,9 @@ context, 100% = just before the question), `trials` prompts of exactly L tokens:
 corpus (the Python standard library sources, data.py) cut at a random offset, a needle sentence stating a random
 key's 5-digit value (data.py NEEDLE) inserted d% of the way into the filler, then the question (data.py QUESTION).
 All prompts run batched on the Engine with greedy decoding; a trial counts as retrieved when the first number the
-model writes is exactly the value. Writes niah.json (the accuracy table and every trial) and niah.png (heat map:
-depth x length, accuracy 0-1).
+model writes is exactly the value. Partial credit, for models that retrieve part of a value: the share of its digits
+the answer has right in place (`digit_accuracy`; chance is 0.1 a digit). Writes niah.json (both tables and every
+trial) and niah.png (heat map: depth x length, accuracy 0-1).
 
 It also runs a copy check (`copy_check`): can the model continue a random string it has already seen in the prompt?
 Retrieval is that skill plus a key to find; a model that fails it (the demo model, trained briefly on code) cannot
@@ -42,6 +43,7 @@ class Trial:
     prompt: list[int]
     answer: str = ""  # what the model wrote
     correct: bool = False
+    digits: float = 0.0  # share of the value's digits the answer has right in place
 
 
 def filler_tokens(tokenizer, n_tokens: int, corpus: str | None = None) -> np.ndarray:
@@ -84,6 +86,14 @@ def retrieved(answer: str, value: str) -> bool:
     return bool(m) and m.group(1) == value
 
 
+def digits_right(answer: str, value: str) -> float:
+    """Partial retrieval: the share of value's digits that the answer's first number (read as retrieved() reads
+    it) has at the same place; a missing or shorter number scores its missing places as wrong."""
+    m = re.match(r"\s*(\d+)", answer)
+    got = m.group(1) if m else ""
+    return sum(a == b for a, b in zip(got, value)) / len(value)
+
+
 def engine_generate(engine, max_tokens: int, progress: bool = True) -> Callable[[list[list[int]]], list[list[int]]]:
     """A generate function on the Engine: greedy, all prompts queued at once (batched as the pool allows)."""
     from dsv2.infer.engine import SamplingParams
@@ -106,7 +116,8 @@ def engine_generate(engine, max_tokens: int, progress: bool = True) -> Callable[
 def run_niah(tokenizer, generate: Callable[[list[list[int]]], list[list[int]]], lengths: list[int],
              depths: list[int] = DEFAULT_DEPTHS, trials: int = 4, seed: int = 0, corpus: str | None = None) -> dict:
     """Build the grid, answer every prompt with `generate` (prompts -> generated token ids), score it.
-    Returns {"lengths", "depths", "accuracy": [[per depth] per length], "mean": {length: accuracy}, "trials": [...]}."""
+    Returns {"lengths", "depths", "accuracy": [[per depth] per length], "mean": {length: accuracy},
+    "digit_accuracy" and "digit_mean" (the same for digits_right), "trials": [...]}."""
     lengths, depths = sorted(set(lengths)), sorted(set(depths))
     if not lengths or min(lengths) < 1 or not depths or min(depths) < 0 or max(depths) > 100 or trials < 1:
         raise ValueError("need lengths >= 1, depths in 0..100 and trials >= 1")
@@ -115,10 +126,16 @@ def run_niah(tokenizer, generate: Callable[[list[list[int]]], list[list[int]]], 
     for case, ids in zip(cases, generate([c.prompt for c in cases])):
         case.answer = tokenizer.decode(ids)
         case.correct = retrieved(case.answer, case.value)
-    acc = [[float(np.mean([c.correct for c in cases if c.length == n and c.depth == d])) for d in depths]
-           for n in lengths]
+        case.digits = digits_right(case.answer, case.value)
+
+    def grid(score: str) -> list[list[float]]:
+        return [[float(np.mean([getattr(c, score) for c in cases if c.length == n and c.depth == d]))
+                 for d in depths] for n in lengths]
+
+    acc, dig = grid("correct"), grid("digits")
     return {"lengths": lengths, "depths": depths, "trials_per_cell": trials, "accuracy": acc,
-            "mean": {str(n): float(np.mean(row)) for n, row in zip(lengths, acc)},
+            "mean": {str(n): float(np.mean(row)) for n, row in zip(lengths, acc)}, "digit_accuracy": dig,
+            "digit_mean": {str(n): float(np.mean(row)) for n, row in zip(lengths, dig)},
             "trials": [{k: v for k, v in asdict(c).items() if k != "prompt"} for c in cases]}
 
 
@@ -219,6 +236,8 @@ def _command(args) -> int:
     plot_niah(res, out / "niah.png", f"NIAH: {Path(args.model).name}")
     print("length  " + "  ".join(f"{n:>6}" for n in res["lengths"]))
     print("accuracy" + "  ".join(f"{res['mean'][str(n)]:>6.2f}" for n in res["lengths"]))
+    print("digits  " + "  ".join(f"{res['digit_mean'][str(n)]:>6.2f}" for n in res["lengths"])
+          + "   (share of the value's digits right in place; chance 0.10)")
     print(f"copy check: {res['copy_accuracy']:.2f} of random letter/digit strings continued from their earlier "
           "copy" + ("" if res["copy_accuracy"] >= 0.5 else " (retrieval needs this; this model barely copies from "
                     "its context, see docs/long_context.md)"))
