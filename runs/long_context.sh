@@ -116,27 +116,34 @@ runs = {"trained at 256, no scaling": "short", "YaRN x8 -> 2048": "yarn", "PI x8
         "no scaling -> 2048": "none"}
 summary, ppl = {"wall_s": int(os.environ["ELAPSED"])}, {}
 done = {n: d for n, d in runs.items() if (out / d / "eval" / "ppl.json").is_file()}
-fig, axes = plt.subplots(1, len(done), figsize=(3.3 * len(done), 3.2), sharey=True, squeeze=False)
-for ax, (name, d) in zip(axes[0], done.items()):
+# top row: exact retrieval; bottom row: digits right in place (partial credit, chance 0.1)
+fig, axes = plt.subplots(2, len(done), figsize=(3.3 * len(done), 6.0), sharey=True, squeeze=False)
+for ax, ax2, (name, d) in zip(axes[0], axes[1], done.items()):
     p = json.loads((out / d / "eval" / "ppl.json").read_text())
     ppl[name] = p["buckets"]
     summary[d] = {"loss_first_256": float(np.mean([b["loss"] for b in p["buckets"] if b["end"] <= 256])),
                   "loss_after_256": float(np.mean([b["loss"] for b in p["buckets"] if b["start"] >= 256]))}
     ax.set_title(name, fontsize=9)
-    ax.set_xlabel("context length")
     if not (out / d / "eval" / "niah.json").is_file():
         ax.text(0.5, 0.5, "NIAH not run", ha="center", transform=ax.transAxes)
+        ax2.set_axis_off()
         continue
     niah = json.loads((out / d / "eval" / "niah.json").read_text())
     summary[d].update(niah_by_length=niah["mean"], niah_accuracy=niah["accuracy"],
                       niah_digits_by_length=niah.get("digit_mean"), niah_digit_accuracy=niah.get("digit_accuracy"),
                       copy_accuracy=niah.get("copy_accuracy"), copy_in_text_accuracy=niah.get("copy_in_text_accuracy"))
-    im = ax.imshow(np.asarray(niah["accuracy"]).T, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(niah["lengths"])), niah["lengths"])
-    ax.set_yticks(range(len(niah["depths"])), [f"{x}%" for x in niah["depths"]])
-axes[0][0].set_ylabel("needle depth")
-fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="RdYlGn"), ax=axes[0],
-             label="retrieval accuracy")
+    for a, key in ((ax, "accuracy"), (ax2, "digit_accuracy")):
+        if key not in niah:
+            a.set_axis_off()
+            continue
+        a.imshow(np.asarray(niah[key]).T, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        a.set_xticks(range(len(niah["lengths"])), niah["lengths"])
+        a.set_yticks(range(len(niah["depths"])), [f"{x}%" for x in niah["depths"]])
+    ax2.set_xlabel("context length")
+axes[0][0].set_ylabel("exact: needle depth")
+axes[1][0].set_ylabel("digits right: needle depth")
+fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="RdYlGn"), ax=axes.ravel().tolist(),
+             label="retrieval accuracy (exact / digits)")
 fig.savefig(out / "niah_grids.png", dpi=70)
 plot_ppl(ppl, out / "ppl.png", trained=256)
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
