@@ -28,15 +28,18 @@ def test_engine_serves_fp8_model_as_its_forward_computes():
 
 def test_fp8_quality_on_trained_model(trained_tiny):
     """Fixed tolerances over 4 x 128 held-out positions: next-token argmaxes agree on >= 97% of positions, no
-    log-probability moves by 0.3 nats or more, and the KL divergence from the full-precision prediction stays
-    below 0.005 nats at every position and 2.5e-4 on average. Measured with e4m3 (3 mantissa bits): 99%, 0.19,
-    0.0023, 1.1e-4; with one mantissa bit fewer (e5m2 values): 98%, 0.34, 0.0077, 6.3e-4, which fails."""
+    log-probability of a token the model gives >= 5% moves by 0.25 nats or more, and the KL divergence from the
+    full-precision prediction stays below 0.0025 nats at 99% of the positions and 2.5e-4 on average. Measured with
+    e4m3 (3 mantissa bits): 99.0%, 0.16, 8.9e-4, 1.1e-4; with one mantissa bit fewer (weights rounded to e5m2
+    values): 96.9%, 0.34, 5.1e-3, 5.5e-4, which fails each. (Maxima over the whole vocabulary or over every
+    position are tail noise: 0.60 / 0.58 nats and 0.009 / 0.015 for the two formats, and they moved with the
+    machine's Python sources that the model trains on, so they are not tested.)"""
     fp8 = convert_model_fp8(copy.deepcopy(trained_tiny))
     ids = torch.tensor(byte_prompts(4, 128, seed=3))
     with torch.no_grad():
         ref, got = trained_tiny(ids).log_softmax(-1), fp8(ids).log_softmax(-1)
     agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     assert agree >= 0.97, agree
-    assert (ref - got).abs().max().item() < 0.3
+    assert (ref - got).abs()[ref.exp() >= 0.05].max().item() < 0.25
     kl = (ref.exp() * (ref - got)).sum(-1)  # [4, 128]
-    assert kl.max().item() < 0.005 and kl.mean().item() < 2.5e-4
+    assert kl.flatten().quantile(0.99).item() < 0.0025 and kl.mean().item() < 2.5e-4
