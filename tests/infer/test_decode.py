@@ -182,7 +182,7 @@ def test_compile_freezes_weights_on_cpu_except_fp8_and_recompiles_after_an_updat
     model, fp8 = tiny_model(), convert_model_fp8(tiny_model())
     engine_mod.compiled(model)
     engine_mod.compiled(fp8)
-    assert calls[0]["options"] == {"freezing": True} and calls[1]["options"] is None
+    assert calls[0]["options"] == {"freezing": True, "cpp_wrapper": True} and calls[1]["options"] is None
     engine_mod.compiled(model)
     assert len(calls) == 2  # same weights: reused
     with torch.no_grad():

@@ -51,8 +51,10 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
 
     inductor on CPU uses freezing (weights constant-folded into the compiled code and prepacked for oneDNN, which
     made batch-1 decode faster than plain inductor; not for FP8 models, whose weights would be folded in
-    dequantized, i.e. at full size), so the compiled code is keyed by the weights' identity and version: a weight changed in place (an optimizer step) or replaced is seen by compiling
-    again, never silently missed. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
+    dequantized, i.e. at full size) and the C++ wrapper (the graph's kernels are called from C++, not from a Python
+    wrapper: less of the per-step overhead that bounds batch-1 decode). The compiled code is keyed by the weights'
+    identity and version: a weight changed in place (an optimizer step) or replaced is seen by compiling again,
+    never silently missed. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
     """
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
@@ -64,7 +66,7 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
         freeze = backend == "inductor" and not cuda and not is_fp8(model)
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         fn = torch.compile(model, dynamic=True, mode=mode, backend=backend,
-                           options={"freezing": True} if freeze else None)
+                           options={"freezing": True, "cpp_wrapper": True} if freeze else None)
         per_model[backend] = hit = (_weights_key(model) if freeze else None, fn)
     return hit[1]
 
