@@ -32,7 +32,7 @@ PPL_SEQUENCES=${PPL_SEQUENCES:-4}
 KV_FRACTION=${KV_FRACTION:-0.9}      # the retrieval stage's mixture: key-value retrieval sequences ...
 COPY_FRACTION=${COPY_FRACTION:-0}    # ... and copy sequences (the rest is corpus text)
 COPY_SOURCE=${COPY_SOURCE:-random}   # the copy sequences' spans: random / text / mixed (dsv2 extend --copy-source)
-COPY_VOCAB=${COPY_VOCAB:-256}        # palette size for random and mixed spans (36: letters and digits)
+COPY_VOCAB=${COPY_VOCAB:-}           # palette size for random and mixed spans (unset: dsv2's; 36: letters, digits)
 FREEZE_LATENTS=${FREEZE_LATENTS:-0}  # > 0: every stage holds the base's latent down-projections (--freeze-latents)
 start=$(date +%s)
 mkdir -p "$OUT"
@@ -76,7 +76,7 @@ SHORT=$BASE
 if [ "$RETRIEVAL_STEPS" -gt 0 ] && [ -z "$(latest "$OUT/retrieval")" ]; then
   $DSV2 extend --init-from "$BASE" --rope none --seq-len 256 --steps "$RETRIEVAL_STEPS" --batch-size 16 \
     --kv-fraction "$KV_FRACTION" --copy-fraction "$COPY_FRACTION" --copy-source "$COPY_SOURCE" \
-    --copy-vocab "$COPY_VOCAB" --lr 1e-3 --warmup-steps 5 \
+    ${COPY_VOCAB:+--copy-vocab "$COPY_VOCAB"} --lr 1e-3 --warmup-steps 5 \
     --eval-every "$RETRIEVAL_STEPS" --save-every "$RETRIEVAL_STEPS" \
     --out "$OUT/retrieval" "${COMMON[@]}"
 fi
@@ -142,8 +142,8 @@ for ax, ax2, (name, d) in zip(axes[0], axes[1], done.items()):
     ax2.set_xlabel("context length")
 axes[0][0].set_ylabel("exact: needle depth")
 axes[1][0].set_ylabel("digits right: needle depth")
-fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="RdYlGn"), ax=axes.ravel().tolist(),
-             label="retrieval accuracy (exact / digits)")
+fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="RdYlGn"),
+             ax=axes.ravel().tolist(), label="retrieval accuracy (exact / digits)")
 fig.savefig(out / "niah_grids.png", dpi=70)
 plot_ppl(ppl, out / "ppl.png", trained=256)
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -82,16 +82,19 @@ def build_trials(tokenizer, lengths: list[int], depths: list[int], trials: int, 
 
 def retrieved(answer: str, value: str) -> bool:
     """Exact retrieval: the first number in the answer (leading spaces allowed, nothing else before it) is value."""
+    return first_number(answer) == value
+
+
+def first_number(answer: str) -> str | None:
+    """The digits of the answer's first number when only spaces come before it, else None."""
     m = re.match(r"\s*(\d+)", answer)
-    return bool(m) and m.group(1) == value
+    return m.group(1) if m else None
 
 
 def digits_right(answer: str, value: str) -> float:
     """Partial retrieval: the share of value's digits that the answer's first number (read as retrieved() reads
     it) has at the same place; a missing or shorter number scores its missing places as wrong."""
-    m = re.match(r"\s*(\d+)", answer)
-    got = m.group(1) if m else ""
-    return sum(a == b for a, b in zip(got, value)) / len(value)
+    return sum(a == b for a, b in zip(first_number(answer) or "", value)) / len(value)
 
 
 def engine_generate(engine, max_tokens: int, progress: bool = True) -> Callable[[list[list[int]]], list[list[int]]]:
@@ -227,9 +230,9 @@ def _command(args) -> int:
     engine.prefill_chunk = max(engine.prefill_chunk, max(lengths))
     res = run_niah(tok, engine_generate(engine, 8, not args.no_progress), lengths, depths, args.trials, args.seed,
                    args.corpus)
-    res["copy_accuracy"] = copy_check(tok, engine_generate(engine, 8, False), seed=args.seed)
-    res["copy_in_text_accuracy"] = copy_check(tok, engine_generate(engine, 8, False), seed=args.seed,
-                                              filler=filler_tokens(tok, 4096, args.corpus))
+    quiet = engine_generate(engine, 8, False)
+    res["copy_accuracy"] = copy_check(tok, quiet, seed=args.seed)
+    res["copy_in_text_accuracy"] = copy_check(tok, quiet, seed=args.seed, filler=filler_tokens(tok, 4096, args.corpus))
     res["model"] = str(args.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "niah.json").write_text(json.dumps(res, indent=1) + "\n")
