@@ -19,6 +19,7 @@ callback receives each step's `RequestOutput` for that request (from the engine 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -47,7 +48,12 @@ def _weights_key(model: DeepseekV2) -> tuple:
 
 def compiled(model: DeepseekV2, compile: bool | str = True):
     """The model's forward under torch.compile for decode steps, made once per model and backend (dsv2.generate
-    and every Engine over the same model share it). dynamic=True: one graph for all batch sizes and cache lengths.
+    and every Engine over the same model share it), called like the model. What is compiled is
+    `model.layers_forward`; the step's host bookkeeping (the cache's Python lengths) runs eagerly around it
+    (`DeepseekV2.run_step`), which marks the batch dimension dynamic and has the step read every cache slot its
+    rows own (masked past each row's end). So one graph serves every batch size above 1 and every length (batch 1
+    and one-block tables get their own: torch specialises sizes 0 and 1). Compiling the whole forward instead made
+    a graph for each batch size a serving engine ran.
 
     inductor on CPU uses freezing (weights constant-folded into the compiled code and prepacked for oneDNN, which
     made batch-1 decode faster than plain inductor; not for FP8 models, whose weights would be folded in
@@ -65,10 +71,17 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
             torch._dynamo.reset()  # drop the code compiled against the old weights
         freeze = backend == "inductor" and not cuda and not is_fp8(model)
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
-        fn = torch.compile(model, dynamic=True, mode=mode, backend=backend,
+        fn = torch.compile(model.layers_forward, mode=mode, backend=backend,
                            options={"freezing": True, "cpp_wrapper": True} if freeze else None)
-        per_model[backend] = hit = (_weights_key(model) if freeze else None, fn)
+        step = functools.partial(_compiled_step, model, fn)
+        per_model[backend] = hit = (_weights_key(model) if freeze else None, step)
     return hit[1]
+
+
+def _compiled_step(model: DeepseekV2, layers, input_ids: torch.Tensor, cache=None, input_lengths=None,
+                   output_positions=None, return_hidden: bool = False) -> torch.Tensor:
+    """The model's forward (called like it) with its layers' part compiled: `DeepseekV2.run_step`."""
+    return model.run_step(input_ids, cache, input_lengths, output_positions, return_hidden, layers=layers)
 
 
 class QueueFull(RuntimeError):

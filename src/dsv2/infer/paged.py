@@ -45,6 +45,16 @@ def kv_bytes_per_token(cfg: ModelConfig, kind: str | None = None, model_dtype: t
     return cfg.num_hidden_layers * (cfg.kv_cache_dim * elem + scales)
 
 
+def _write_rows(store: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """store[layer, slots] = rows. Eager: index_copy_ into the layer's view (the cheapest call). Compiled: through
+    the whole tensor, since writing into a view of a graph input makes the compiled step copy the whole input
+    back (the whole pool, at every step)."""
+    if torch.compiler.is_compiling():
+        store.index_put_((torch.tensor(layer, device=slots.device), slots), rows)
+    else:
+        store[layer].index_copy_(0, slots, rows)
+
+
 class PagedLatentPool:
     """Blocks of `block_size` token slots for every layer, plus the free list."""
 
@@ -105,17 +115,17 @@ class PagedLatentPool:
             q_kv, s_kv = quantize_kv(rows[:, : self.r], self.kv_dtype)
             q_pe, s_pe = quantize_kv(rows[:, self.r:], self.kv_dtype)
             rows = torch.cat([q_kv, q_pe], dim=-1)
-            self.scales[layer].index_copy_(0, slots, torch.cat([s_kv, s_pe], dim=-1))
+            _write_rows(self.scales, layer, slots, torch.cat([s_kv, s_pe], dim=-1))
         # fp8 has no CPU index_copy kernel: copy its bytes; the spare slot may take several rows (any one wins)
-        store = self.cache[layer]
+        store = self.cache
         if store.dtype == FP8_DTYPE:
             store, rows = store.view(torch.uint8), rows.view(torch.uint8)
-        store.index_copy_(0, slots, rows if rows.dtype == store.dtype else rows.to(store.dtype))
+        _write_rows(store, layer, slots, rows if rows.dtype == store.dtype else rows.to(store.dtype))
 
-    def read(self, layer: int, block_tables: torch.Tensor, n_keys: int, dtype: torch.dtype | None = None
+    def read(self, layer: int, block_tables: torch.Tensor, n_keys: int | None, dtype: torch.dtype | None = None
              ) -> torch.Tensor:
-        """The first n_keys token rows of each row's blocks: block_tables [B, nb] -> [B, n_keys, r + dr] (latent ;
-        RoPE key) in `dtype` (default: the pool's compute dtype)."""
+        """The first n_keys token rows of each row's blocks (None: all of them): block_tables [B, nb] ->
+        [B, n_keys, r + dr] (latent ; RoPE key) in `dtype` (default: the pool's compute dtype)."""
         dtype = dtype or self.dtype
         B, nb = block_tables.shape
         flat = block_tables.flatten()
@@ -124,7 +134,7 @@ class PagedLatentPool:
             rows = store.view(torch.uint8).index_select(0, flat).view(FP8_DTYPE)
         else:
             rows = store.index_select(0, flat)
-        rows = rows.view(B, nb * self.block_size, -1)[:, :n_keys]
+        rows = rows.view(B, nb * self.block_size, -1)[:, :n_keys]  # (n_keys None: no slice, no copy)
         if self.quantized:
             s = self.scales[layer].view(self.num_blocks + 1, -1).index_select(0, flat)
             s = s.view(B, nb * self.block_size, 2)[:, :n_keys]
@@ -147,12 +157,15 @@ class PagedBatch:
         dev = pool.cache.device
         width = max(len(t) for t in block_tables)
         self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=dev)
+        for d in (0, 1):  # a compiled step: one graph for every batch size and width (> 1)
+            torch._dynamo.maybe_mark_dynamic(self.block_tables, d)
         self.lengths_host = list(lengths)
         self.lengths = torch.tensor(lengths, device=dev)
         self.max_len = width * pool.block_size
 
     def update(self, layer: int, rows: torch.Tensor, ctx, dtype: torch.dtype) -> torch.Tensor:
-        """Write this step's rows [B, T, r + dr]; return every row's first ctx.kv_len cached rows [B, S, r + dr]."""
+        """Write this step's rows [B, T, r + dr]; return every row's first ctx.kv_len cached rows [B, S, r + dr]
+        (None: all the rows' blocks hold)."""
         if ctx.slots is None:  # once per forward: the flat slot of every new token (padding -> the spare slot)
             bs = self.pool.block_size
             pos = ctx.positions  # [B, T]

@@ -62,10 +62,12 @@ class RMSNorm(nn.Module):
 class StepContext:
     """What one forward's layers share. positions [B, T]; cos/sin [B or 1, T, dr/2] (YaRN mscale included).
 
-    With a cache: valid [B, T] (None: no padding), n_new the rows' new token counts, kv_len keys attended over (the longest row's end), fresh
-    (nothing was cached before this step). drop_exempt [B]: sequences token dropping never touches (drawn once
-    per training forward, the same in every MoE layer). Per-forward values derived on first use are memoised
-    (`attn_bias`, and whatever the cache stores in `slots`).
+    With a cache: valid [B, T] (None: no padding), n_new the rows' new token counts, kv_len keys attended over
+    (the longest row's end; None: every slot the cache holds for these rows, what a compiled step reads, so that
+    its shapes change with the cache's width, not at every token), fresh (nothing was cached before this step).
+    drop_exempt [B]: sequences token dropping never touches (drawn once per training forward, the same in every MoE
+    layer). Per-forward values derived on first use are memoised (`attn_bias`, and whatever the cache stores in
+    `slots`).
     """
 
     positions: torch.Tensor
@@ -73,7 +75,7 @@ class StepContext:
     sin: torch.Tensor
     valid: torch.Tensor | None = None
     n_new: list[int] | None = None  # new tokens per row (input_lengths)
-    kv_len: int = 0
+    kv_len: int | None = 0
     fresh: bool = True
     uniform: bool = True  # every row has the same number of cached keys before this step
     drop_exempt: torch.Tensor | None = None
@@ -84,14 +86,14 @@ class StepContext:
         # complex RoPE factors for apply_rope's fast path (eager only: torch.compile traces the real formulation)
         self.cis = None if torch.compiler.is_compiling() else torch.complex(self.cos, self.sin)
 
-    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive key mask [B, T, S] (0 or -inf), key j visible to the query at position p iff j <= p; None when
-        a single new token per row sees every key (rows of one length)."""
+    def attn_bias(self, dtype: torch.dtype, n_keys: int) -> torch.Tensor | None:
+        """Additive mask [B, T, n_keys] (0 or -inf) over the keys the cache returned, key j visible to the query at
+        position p iff j <= p; None when a single new token per row sees every key (rows of one length, eager)."""
         T = self.positions.shape[1]
-        if T == 1 and self.uniform:
+        if not torch.compiler.is_compiling() and T == 1 and self.uniform:  # (compiled: one graph for both kinds)
             return None
         if self._bias is None or self._bias.dtype != dtype:
-            keys = torch.arange(self.kv_len, device=self.positions.device)
+            keys = torch.arange(n_keys, device=self.positions.device)
             hidden = keys[None, None, :] > self.positions[:, :, None]
             self._bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden,
                                                                                                    float("-inf"))
@@ -103,6 +105,7 @@ class LatentKVCache(Protocol):
 
     `update` writes this forward's rows [B, T, r + dr] (c_KV ; k_rope) for one layer at ctx.positions (padding,
     where ctx.valid is False, must not land in a real slot) and returns every row's first ctx.kv_len cached rows
+    (ctx.kv_len None: all max_len of them)
     [B, S, r + dr] in `dtype`. `advance` adds the new tokens to the lengths once all layers ran.
     """
 
@@ -136,9 +139,9 @@ class LatentCache:
         if ctx.slots is None:  # once per forward: (batch index, position), padding -> the spare slot
             pos = ctx.positions if ctx.valid is None else torch.where(ctx.valid, ctx.positions, self.max_len)
             ctx.slots = (torch.arange(pos.shape[0], device=pos.device)[:, None], pos)
-        store = self.rows[layer]
-        store[ctx.slots] = rows.to(store.dtype)
-        out = store[:, : ctx.kv_len]
+        # through the whole tensor, not a per-layer view (which torch.compile would copy back whole at every step)
+        self.rows.index_put_((torch.tensor(layer, device=self.rows.device), *ctx.slots), rows.to(self.rows.dtype))
+        out = self.rows[layer, :, : self.max_len if ctx.kv_len is None else ctx.kv_len]
         return out if out.dtype == dtype else out.to(dtype)
 
     def advance(self, n_new: list[int]) -> None:
@@ -258,11 +261,11 @@ class MLA(_Query):
         else:
             rows = cache.update(self.layer_idx, kv_rows, ctx, x.dtype)  # [B, S, r + dr]
             if impl == "absorb" or (impl == "auto" and not ctx.fresh):
-                out = self._absorbed(q_nope, q_rope, rows, ctx.attn_bias(torch.float32))
+                out = self._absorbed(q_nope, q_rope, rows, ctx.attn_bias(torch.float32, rows.shape[1]))
             elif ctx.fresh:  # nothing older is cached: attend over this step's tokens, causally
                 out = self._naive(q_nope, q_rope, kv_rows, None, causal=True)
             else:
-                out = self._naive(q_nope, q_rope, rows, ctx.attn_bias(q_nope.dtype), causal=False)
+                out = self._naive(q_nope, q_rope, rows, ctx.attn_bias(q_nope.dtype, rows.shape[1]), causal=False)
         return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope, q_rope, kv_rows, bias, causal: bool):
@@ -345,7 +348,7 @@ class GroupedQueryAttention(_Query):
             S = rows.shape[1]
             k_all, v_all = rows.split([self.n_kv * self.qk_dim, self.n_kv * self.v_dim], dim=-1)
             out = _sdpa(q, k_all.view(B, S, self.n_kv, self.qk_dim), v_all.view(B, S, self.n_kv, self.v_dim),
-                        ctx.attn_bias(q.dtype), False, self.softmax_scale, groups)
+                        ctx.attn_bias(q.dtype, S), False, self.softmax_scale, groups)
         return self.o_proj(out.flatten(2))
 
 

@@ -103,12 +103,32 @@ class DeepseekV2(nn.Module):
         lengths advance. output_positions [B] returns logits [B, vocab] at one index per row only (saves the
         lm_head over the whole prompt when generating).
         """
+        return self.run_step(input_ids, cache, input_lengths, output_positions, return_hidden)
+
+    def run_step(self, input_ids: torch.Tensor, cache: LatentKVCache | None = None,
+                 input_lengths: torch.Tensor | list[int] | None = None, output_positions: torch.Tensor | None = None,
+                 return_hidden: bool = False, layers=None) -> torch.Tensor:
+        """`forward`, with the layers' part replaceable: `layers` (default `self.layers_forward`) is what
+        dsv2.infer.engine.compiled puts under torch.compile. The host-side bookkeeping (the step context from the
+        cache's Python lengths, the cache's advance) stays outside it, so the compiled code guards on no Python
+        list: one graph serves every batch size and cache length."""
         ctx = self.step_context(input_ids, cache, input_lengths)
+        if layers is not None:
+            ctx.cis = None  # the compiled code traces RoPE's real formulation (no complex tensors)
+            ctx.kv_len = None  # read every slot the rows own (the mask hides those past a row's end)
+            for t in (input_ids, ctx.positions, ctx.cos, ctx.sin):  # the batch size varies: one graph for all
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        out = (layers or self.layers_forward)(input_ids, ctx, cache, output_positions, return_hidden)
+        if cache is not None:
+            cache.advance(ctx.n_new)
+        return out
+
+    def layers_forward(self, input_ids: torch.Tensor, ctx: StepContext, cache: LatentKVCache | None,
+                       output_positions: torch.Tensor | None, return_hidden: bool) -> torch.Tensor:
+        """Embedding, the decoder layers, the final norm and the LM head over one step's context."""
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             h = layer(h, ctx, cache, self.attn_impl)
-        if cache is not None:
-            cache.advance(ctx.n_new)
         if output_positions is not None:
             h = h[torch.arange(h.shape[0], device=h.device), output_positions]
         h = self.model.norm(h)
