@@ -88,3 +88,21 @@ def test_cli_writes_the_four_files(tmp_path, capsys):
     assert set(rows["pairs.jsonl"][0]) == {"prompt", "chosen", "rejected"}
     assert main(["tasks", "arithmetic", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert "error: steps" in capsys.readouterr().err
+
+
+def test_terse_fraction_drops_the_working_from_that_share_of_sft_solutions(tmp_path, capsys):
+    assert main(["tasks", "arithmetic", "--out", str(tmp_path), "--n-train", "400", "--n-test", "5",
+                 "--terse-fraction", "0.6"]) == 0
+    sft = [json.loads(x)["messages"] for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    tasks = arithmetic_tasks(400, seed=0)
+    terse = 0
+    for messages, t in zip(sft, tasks):
+        got, lines = messages[1]["content"], t["solution"].split("\n")
+        if got != t["solution"]:
+            assert got == f"{lines[0]}\n#### {t['answer']}"  # who starts with what, then the answer: no equations
+            terse += 1
+    assert 0.5 < terse / 400 < 0.7
+    prompts = [json.loads(x) for x in (tmp_path / "prompts_train.jsonl").read_text().splitlines()]
+    assert prompts == [{"prompt": t["prompt"], "answer": t["answer"]} for t in tasks]  # prompts untouched
+    assert main(["tasks", "arithmetic", "--out", str(tmp_path), "--terse-fraction", "1.5"]) == 2
+    assert "terse_fraction must be in [0, 1]" in capsys.readouterr().err

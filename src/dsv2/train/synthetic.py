@@ -11,6 +11,11 @@ end. Every intermediate count stays in [0, 999]. The worked solution writes one 
     prompt:   "Ada has 7 pens. She buys 5 more pens. Then she gives away 3 pens. How many pens does Ada have now?"
     solution: "Ada starts with 7 pens.\n7 + 5 = 12\n12 - 3 = 9\n#### 9"
 
+`terse_fraction` (default 0) makes that share of the SFT solutions skip the working, as many human-written
+answers do: "Ada starts with 7 pens.\n#### 9". A small model imitates both styles, and only the worked one is
+within its reach on multi-step problems: the set-up where reinforcement learning from the answer reward (GRPO)
+has something to find that imitation does not (docs/grpo.md).
+
 Splits: a problem belongs to "test" when a hash of its prompt text falls in the lowest tenth, else to "train",
 so the two splits never share a prompt, for any seed. Output is a pure function of (n, seed, split, knobs).
 """
@@ -148,14 +153,27 @@ def preference_pairs(n: int, seed: int, split: str = "train", *, steps: int = 2,
             for p in _generate(n, seed, split, steps, max_number, multiply)]
 
 
-def sft_rows(tasks: list[dict]) -> list[dict]:
-    """SFT chat rows: {"messages": [user prompt, assistant worked solution]}."""
-    return [{"messages": [{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t["solution"]}]}
+def terse_solution(solution: str) -> str:
+    """The solution without its working: the first line (who starts with what) and the answer line."""
+    lines = solution.split("\n")
+    return "\n".join([lines[0], lines[-1]])
+
+
+def sft_rows(tasks: list[dict], terse_fraction: float = 0.0, seed: int = 0) -> list[dict]:
+    """SFT chat rows: {"messages": [user prompt, assistant worked solution]}; a `terse_fraction` share of them
+    (chosen by `seed`) answer without the working (`terse_solution`)."""
+    if not 0.0 <= terse_fraction <= 1.0:
+        raise ValueError(f"terse_fraction must be in [0, 1], not {terse_fraction}")
+    rng = random.Random(f"terse:{seed}")
+    return [{"messages": [{"role": "user", "content": t["prompt"]},
+                          {"role": "assistant", "content": terse_solution(t["solution"])
+                           if rng.random() < terse_fraction else t["solution"]}]}
             for t in tasks]
 
 
 def write_arithmetic(out: str | Path, n_train: int = 2000, n_test: int = 200, n_pairs: int | None = None,
-                     seed: int = 0, steps: int = 2, max_number: int = 20, multiply: bool | None = None) -> dict:
+                     seed: int = 0, steps: int = 2, max_number: int = 20, multiply: bool | None = None,
+                     terse_fraction: float = 0.0) -> dict:
     """Write sft.jsonl, prompts_train.jsonl, prompts_test.jsonl and pairs.jsonl into `out`; returns the counts."""
     knobs = {"steps": steps, "max_number": max_number, "multiply": multiply}
     train = arithmetic_tasks(n_train, seed, "train", **knobs)
@@ -163,7 +181,7 @@ def write_arithmetic(out: str | Path, n_train: int = 2000, n_test: int = 200, n_
     pairs = preference_pairs(n_train if n_pairs is None else n_pairs, seed, "train", **knobs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"sft.jsonl": sft_rows(train),
+    files = {"sft.jsonl": sft_rows(train, terse_fraction, seed),
              "prompts_train.jsonl": [{"prompt": t["prompt"], "answer": t["answer"]} for t in train],
              "prompts_test.jsonl": [{"prompt": t["prompt"], "answer": t["answer"]} for t in test],
              "pairs.jsonl": pairs}
@@ -192,11 +210,14 @@ def add_command(subparsers) -> None:
     a.add_argument("--max-number", type=int, default=20, help="largest number drawn (default 20)")
     a.add_argument("--multiply", action=argparse.BooleanOptionalAction, default=None,
                    help="allow 'k times as many' events (default: only with --steps >= 3)")
+    a.add_argument("--terse-fraction", type=float, default=0.0,
+                   help="share of SFT solutions that skip the working (\"Ada starts with 7 pens.\\n#### 9\"); "
+                        "default 0")
     a.set_defaults(func=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
     counts = write_arithmetic(args.out, args.n_train, args.n_test, args.n_pairs, args.seed, args.steps,
-                              args.max_number, args.multiply)
+                              args.max_number, args.multiply, args.terse_fraction)
     print(f"tasks: wrote {', '.join(f'{name} ({k} rows)' for name, k in counts.items())} to {args.out}")
     return 0
