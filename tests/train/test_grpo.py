@@ -214,6 +214,8 @@ def test_two_steps_write_metrics_samples_eval_and_plot(recipe, tmp_path):
     assert rec[0]["kl"] == 0 and rec[1]["kl"] > 0  # step 1: policy == reference; step 2 after one update
     assert [r["step"] for r in recs if "samples" in r] == [1, 2]
     assert [r["step"] for r in recs if "eval_accuracy" in r] == [0, 2]  # greedy held-out accuracy, before and after
+    evals = [r for r in recs if "eval_accuracy" in r]
+    assert all(0 < r["eval_completion_len"] <= recipe.max_completion_tokens for r in evals)
     assert (tmp_path / "reward.png").is_file()
 
 

@@ -169,10 +169,12 @@ def generate_completions(engine: Engine, tok: Tokenizer, rows: list[dict], param
 def evaluate(engine: Engine, tok: Tokenizer, rows: list[dict], sources: list[RewardSource], max_tokens: int
              ) -> dict[str, float]:
     """Greedy completions of `rows` through the Engine, scored: {"reward": weighted mean, "<source>": mean,
-    "accuracy": share of rows whose math reward is 1 (when a math source is given)}."""
+    "accuracy": share of rows whose math reward is 1 (when a math source is given), "completion_len": mean
+    tokens per completion (how the answers' style moves, e.g. toward showing the working)}."""
     outs = generate_completions(engine, tok, rows, [SamplingParams(max_tokens=max_tokens)] * len(rows))
     total, per = score(sources, rows, [o["text"] for o in outs])
-    res = {"reward": total.mean().item(), **{k: v.mean().item() for k, v in per.items()}}
+    res = {"reward": total.mean().item(), **{k: v.mean().item() for k, v in per.items()},
+           "completion_len": sum(len(o["tokens"]) for o in outs) / max(len(outs), 1)}
     if "math" in per:
         res["accuracy"] = (per["math"] >= 1).float().mean().item()
     return res
