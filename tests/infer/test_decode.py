@@ -193,7 +193,7 @@ def test_compiled_engine_makes_one_graph_for_every_batch_size_and_width():
     assert counters["stats"]["unique_graphs"] <= 3
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8"])
 @torch.no_grad()
 def test_compiled_step_writes_its_caches_in_place(kv_dtype):
     """The compiled step writes this token's latents into the pool (and dsv2.generate's dense cache) in place. A

@@ -105,8 +105,8 @@ class LatentKVCache(Protocol):
 
     `update` writes this forward's rows [B, T, r + dr] (c_KV ; k_rope) for one layer at ctx.positions (padding,
     where ctx.valid is False, must not land in a real slot) and returns every row's first ctx.kv_len cached rows
-    (ctx.kv_len None: all max_len of them)
-    [B, S, r + dr] in `dtype`. `advance` adds the new tokens to the lengths once all layers ran.
+    [B, S, r + dr] in `dtype` (ctx.kv_len None: all max_len of them). `advance` adds the new tokens to the lengths
+    once all layers ran.
     """
 
     lengths: torch.Tensor  # [B] tokens cached per row, on the model's device
