@@ -19,7 +19,7 @@ setup: $(BIN)/dsv2
 demo: setup
 	$(BIN)/dsv2 demo
 
-# The whole lifecycle where GRPO beats SFT on held-out problems (docs/grpo.md, about 1.5 h on 2 cores): pretrain a
+# The whole lifecycle where GRPO beats SFT on held-out problems (docs/grpo.md; about 80 min on 2 cores): pretrain a
 # small model that copies from its context (runs/retrieval_base.sh, each stage reused when done) -> SFT on solutions
 # that mostly skip the working -> GRPO with the answer reward -> a chat answer. `runs/align.sh` alone runs the same
 # lifecycle from the demo's `small` (which cannot copy the prompt's numbers).

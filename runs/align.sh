@@ -6,12 +6,9 @@
 #   STAGE2=1 runs/align.sh             # also: a reward model on the task's preference pairs, then stage 2
 #   OUT=/tmp/a GRPO_STEPS=20 runs/align.sh
 #
-# GRPO clearly above SFT (docs/grpo.md): a base that copies numbers from its prompt (runs/retrieval_base.sh; the
-# demo model cannot), SFT data where most solutions skip the working, then GRPO with the answer reward:
-#
-#   bash runs/retrieval_base.sh && OUT=runs/align_terse BASE=runs/retrieval_base/retrieval/checkpoints/step-00001500 \
-#     FREEZE_LATENTS=1000000 TASK_ARGS="--n-train 4000 --n-test 400 --steps 2 --max-number 9 --terse-fraction 0.6" \
-#     SFT_STEPS=1000 GRPO_STEPS=200 GRPO_BATCH=64 GRPO_LR=3e-5 EVAL_N=400 EVAL_EVERY=25 bash runs/align.sh
+# GRPO clearly above SFT (docs/grpo.md): `make demo-full` runs this script with its knobs set (BASE: a model that
+# copies numbers from its prompt, from runs/retrieval_base.sh; TASK_ARGS: SFT data where most solutions skip the
+# working; FREEZE_LATENTS, SFT_STEPS, GRPO_*).
 #
 # Stage 1 prints held-out accuracy (greedy, EVAL_N=100 unseen problems) before GRPO (= the SFT model) and after it; the
 # figures are in $OUT/grpo/metrics.jsonl (eval_accuracy at step 0 and at the end) and $OUT/grpo/reward.png.

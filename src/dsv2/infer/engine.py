@@ -73,15 +73,9 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         fn = torch.compile(model.layers_forward, mode=mode, backend=backend,
                            options={"freezing": True, "cpp_wrapper": True} if freeze else None)
-        step = functools.partial(_compiled_step, model, fn)
+        step = functools.partial(model.run_step, layers=fn)  # called like the model
         per_model[backend] = hit = (_weights_key(model) if freeze else None, step)
     return hit[1]
-
-
-def _compiled_step(model: DeepseekV2, layers, input_ids: torch.Tensor, cache=None, input_lengths=None,
-                   output_positions=None, return_hidden: bool = False) -> torch.Tensor:
-    """The model's forward (called like it) with its layers' part compiled: `DeepseekV2.run_step`."""
-    return model.run_step(input_ids, cache, input_lengths, output_positions, return_hidden, layers=layers)
 
 
 class QueueFull(RuntimeError):

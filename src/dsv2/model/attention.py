@@ -81,10 +81,17 @@ class StepContext:
     drop_exempt: torch.Tensor | None = None
     slots: object = None
     _bias: torch.Tensor | None = None
+    _cis: torch.Tensor | None = None
 
-    def __post_init__(self):
-        # complex RoPE factors for apply_rope's fast path (eager only: torch.compile traces the real formulation)
-        self.cis = None if torch.compiler.is_compiling() else torch.complex(self.cos, self.sin)
+    @property
+    def cis(self) -> torch.Tensor | None:
+        """Complex RoPE factors for apply_rope's fast path, made on first use (eager only: under torch.compile,
+        None, and apply_rope traces the real formulation)."""
+        if torch.compiler.is_compiling():
+            return None
+        if self._cis is None:
+            self._cis = torch.complex(self.cos, self.sin)
+        return self._cis
 
     def attn_bias(self, dtype: torch.dtype, n_keys: int) -> torch.Tensor | None:
         """Additive mask [B, T, n_keys] (0 or -inf) over the keys the cache returned, key j visible to the query at

@@ -111,10 +111,9 @@ class DeepseekV2(nn.Module):
         """`forward`, with the layers' part replaceable: `layers` (default `self.layers_forward`) is what
         dsv2.infer.engine.compiled puts under torch.compile. The host-side bookkeeping (the step context from the
         cache's Python lengths, the cache's advance) stays outside it, so the compiled code guards on no Python
-        list: one graph serves every batch size and cache length."""
+        list: one graph serves every batch size above 1 and every cache length."""
         ctx = self.step_context(input_ids, cache, input_lengths)
         if layers is not None:
-            ctx.cis = None  # the compiled code traces RoPE's real formulation (no complex tensors)
             ctx.kv_len = None  # read every slot the rows own (the mask hides those past a row's end)
             for t in (input_ids, ctx.positions, ctx.cos, ctx.sin):  # the batch size varies: one graph for all
                 torch._dynamo.maybe_mark_dynamic(t, 0)
