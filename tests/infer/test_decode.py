@@ -193,6 +193,35 @@ def test_compiled_engine_makes_one_graph_for_every_batch_size_and_width():
     assert counters["stats"]["unique_graphs"] <= 3
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_compiled_step_keeps_the_pool_size_static(kv_dtype):
+    """Two engines over one model with pools of different sizes: the second compiled step must see the pool (its
+    tensors, and the block count the gather's shape is taken from) as fixed sizes; only the batch and the block
+    table width vary. torch.compile otherwise makes the pool's size symbolic on its second value, and inductor then
+    copies every gathered row again element by element with integer divisions: the compiled batch-16 step of
+    `small` took twice as long (benchmarks/decode_throughput.py --compile)."""
+    from torch._dynamo import register_backend
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    inputs, backend = [], f"dsv2_capture_inputs_{kv_dtype}"
+
+    def capture(gm, example_inputs):
+        inputs.append([n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm
+
+    register_backend(capture, backend)
+
+    model = tiny_model()
+    torch._dynamo.reset()
+    for blocks in (16, 40):
+        engine = Engine(model, num_blocks=blocks, block_size=4, kv_cache_dtype=kv_dtype, eos_token_id=None,
+                        compile=backend)
+        engine.generate([[5, 9, 300, 41, 7]] * 3, SamplingParams(max_tokens=4))
+    assert len(inputs) == 2  # a graph for each pool size
+    symbols = set().union(*(free_symbols(v) for v in inputs[-1] if isinstance(v, (torch.Tensor, torch.SymInt))))
+    assert len(symbols) == 2  # the batch and the table width
+
+
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8"])
 @torch.no_grad()
 def test_compiled_step_writes_its_caches_in_place(kv_dtype):
@@ -239,3 +268,17 @@ def test_compile_freezes_weights_on_cpu_except_fp8_and_recompiles_after_an_updat
         next(model.parameters()).add_(1.0)
     engine_mod.compiled(model)
     assert len(calls) == 3  # updated in place: compiled again
+    tiny_model()  # registrations elsewhere: the parameter list is walked again, nothing changed
+    engine_mod.compiled(model)
+    assert len(calls) == 3
+    model.lm_head.weight.data = model.lm_head.weight.data.clone()  # a storage swap
+    engine_mod.compiled(model)
+    assert len(calls) == 4
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)  # replaced
+    engine_mod.compiled(model)
+    assert len(calls) == 5
+    model.model.layers[0].self_attn.o_proj.weight = torch.nn.Parameter(torch.zeros_like(
+        model.model.layers[0].self_attn.o_proj.weight))  # a parameter replaced
+    engine_mod.compiled(model)
+    engine_mod.compiled(model)
+    assert len(calls) == 6

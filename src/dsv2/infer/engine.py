@@ -40,10 +40,44 @@ MAX_LOGPROBS = 20
 
 
 _COMPILED: "weakref.WeakKeyDictionary[DeepseekV2, dict]" = weakref.WeakKeyDictionary()
+_REGISTRATIONS = [0]  # parameters and submodules registered on any module in this process (a change counter)
 
 
-def _weights_key(model: DeepseekV2) -> tuple:
-    return tuple((id(t), t._version) for t in model.parameters())
+def _count_registration(*_) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _parameters(model: DeepseekV2) -> list[torch.Tensor]:
+    return list(model.parameters())
+
+
+def _weights_key(params: list[torch.Tensor]) -> tuple:
+    """What a weight update changes: each parameter's storage (`.data =` swaps it) and in-place version."""
+    return tuple((t.data_ptr(), t._version) for t in params)
+
+
+class _Frozen:
+    """The weights a frozen compile was made against, checked at every step for a tenth of what walking the module
+    tree costs (on `small`, 0.04 ms instead of 0.4 ms, which was 7% of a compiled batch-1 step). The parameter list
+    is walked again only after something registered a parameter or submodule somewhere (a weight or module
+    replaced); otherwise the kept list's storages and versions are compared (in-place updates, `.data` swaps)."""
+
+    def __init__(self, model: DeepseekV2):
+        self.params = _parameters(model)
+        self.ids, self.key, self.registrations = [id(p) for p in self.params], _weights_key(self.params), \
+            _REGISTRATIONS[0]
+
+    def unchanged(self, model: DeepseekV2) -> bool:
+        if self.registrations != _REGISTRATIONS[0]:
+            params = _parameters(model)
+            if [id(p) for p in params] != self.ids:
+                return False
+            self.params, self.registrations = params, _REGISTRATIONS[0]
+        return _weights_key(self.params) == self.key
 
 
 def compiled(model: DeepseekV2, compile: bool | str = True):
@@ -65,8 +99,8 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
     per_model = _COMPILED.setdefault(model, {})
-    hit = per_model.get(backend)  # (the frozen weights' key, or None when not frozen; the compiled forward)
-    if hit is None or (hit[0] is not None and hit[0] != _weights_key(model)):
+    hit = per_model.get(backend)  # (the frozen weights, or None when not frozen; the compiled forward)
+    if hit is None or (hit[0] is not None and not hit[0].unchanged(model)):
         if hit is not None:
             torch._dynamo.reset()  # drop the code compiled against the old weights
         freeze = backend == "inductor" and not cuda and not is_fp8(model)
@@ -74,7 +108,7 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
         fn = torch.compile(model.layers_forward, mode=mode, backend=backend,
                            options={"freezing": True, "cpp_wrapper": True} if freeze else None)
         step = functools.partial(model.run_step, layers=fn)  # called like the model
-        per_model[backend] = hit = (_weights_key(model) if freeze else None, step)
+        per_model[backend] = hit = (_Frozen(model) if freeze else None, step)
     return hit[1]
 
 

@@ -72,6 +72,11 @@ class PagedLatentPool:
         self.cache = torch.zeros(L, n, cfg.kv_cache_dim, dtype=store, device=device)  # [L, slots, r + dr]
         if self.quantized:  # float32 scales of the latent and of the RoPE key
             self.scales = torch.ones(L, n, 2, dtype=torch.float32, device=device)
+        # a compiled step specialises on the pool's size: a pool lives as long as its engine, and a second engine
+        # with another pool size would otherwise make torch.compile treat the size as dynamic (slower indexing code
+        # at every step; a one-time recompile per pool size is far cheaper)
+        for t in (self.cache, self.scales) if self.quantized else (self.cache,):
+            torch._dynamo.mark_static(t)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
 
     @classmethod
@@ -129,14 +134,18 @@ class PagedLatentPool:
         dtype = dtype or self.dtype
         B, nb = block_tables.shape
         flat = block_tables.flatten()
-        store = self.cache[layer].view(self.num_blocks + 1, -1)  # one row of block_size * (r + dr) per block
+        # gather [blocks, block_size, r + dr] and merge (block, offset), every size from the (static) pool tensor:
+        # under torch.compile with the batch and the table width dynamic, gathering flat block rows and splitting them
+        # again, or sizes from self.num_blocks (a Python int that dynamo makes symbolic once two pools differ), made
+        # inductor copy the gathered rows again element by element, with integer divisions (2-5x slower steps)
+        store = self.cache[layer].view(-1, self.block_size, self.cache.shape[-1])
         if store.dtype == FP8_DTYPE:
             rows = store.view(torch.uint8).index_select(0, flat).view(FP8_DTYPE)
         else:
             rows = store.index_select(0, flat)
         rows = rows.view(B, nb * self.block_size, -1)[:, :n_keys]  # (n_keys None: no slice, no copy)
         if self.quantized:
-            s = self.scales[layer].view(self.num_blocks + 1, -1).index_select(0, flat)
+            s = self.scales[layer].view(-1, self.block_size, 2).index_select(0, flat)
             s = s.view(B, nb * self.block_size, 2)[:, :n_keys]
             return torch.cat([dequantize_kv(rows[..., : self.r], s[..., :1], dtype),
                               dequantize_kv(rows[..., self.r:], s[..., 1:], dtype)], dim=-1)
