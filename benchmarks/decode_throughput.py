@@ -12,6 +12,13 @@ system runs the whole request (prefill of a 64-token prompt + 64 greedy tokens, 
 times, interleaved with the others so that machine noise hits all alike; the best run counts. tokens/s = batch x
 new tokens / wall time. "same tokens" is the share of generated tokens equal to transformers'.
 
+"floor ms" is the least time a decode step can take on this machine: the weight bytes that step must read (every
+matrix but the embedding table, and of the routed experts only those the batch's tokens were routed to, counted on
+one real step of this model), streamed at the measured matrix-vector bandwidth of the thread count (one large
+float32 matrix from memory). "floor x" = transformers' step time / the floor: the most any implementation could
+reach against transformers there (the weights may stay partly in a large last-level cache between steps, so the true
+floor may be a little lower).
+
 --profile runs one batch-1 decode step under torch.profiler and prints where its time goes: the number of tensor
 ops, the share of wall time spent inside ops vs. in Python between them, and the time the step's weight bytes
 would take at this machine's measured matrix-vector bandwidth (the memory-bandwidth bound).
@@ -95,14 +102,38 @@ def run_shape(shape: str, args) -> list[dict]:
                 prompts, SamplingParams(max_tokens=n_new, ignore_eos=True))]) for name, e in built.items()}
             secs = best_of(runs, args.repeats)
             ref = torch.tensor(hf_run())
+            floor = step_weight_bytes(model, ids) / matvec_bandwidth()
             for name, s in secs.items():
                 same = (torch.tensor(runs[name]()) == ref).float().mean().item()
                 rows.append({"shape": shape, "threads": threads, "batch": B, "system": name,
                              "tok/s": B * n_new / s, "ms/token step": 1000 * s / n_new,
-                             "x transformers": secs["transformers"] / s, "same tokens": same})
+                             "x transformers": secs["transformers"] / s, "same tokens": same,
+                             "floor ms": 1000 * floor, "floor x": secs["transformers"] / n_new / floor})
     if args.profile:
         profile_step(model, cfg)
     return rows
+
+
+@torch.inference_mode()
+def step_weight_bytes(model: DeepseekV2, ids: torch.Tensor) -> int:
+    """Weight bytes one decode step of the batch `ids` [B, T] must read: every parameter but the embedding table
+    and the routed experts, plus each MoE layer's experts that the step's tokens were routed to (a prefill, then one
+    decode step, its routing recorded by hooks on the gates)."""
+    routed: list[torch.Tensor] = []
+    hooks = [moe.gate.register_forward_hook(lambda mod, inp, out: routed.append(out[1].unique()))
+             for moe in model.moe_layers()]
+    try:
+        cache = model.new_cache(ids.shape[0], ids.shape[1] + 1)
+        tok = model(ids, cache=cache, output_positions=torch.full((ids.shape[0],), ids.shape[1] - 1)).argmax(-1)
+        routed.clear()
+        model(tok[:, None], cache=cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if "experts.w" not in n and "embed_tokens" not in n)
+    experts = [moe.experts for moe in model.moe_layers()]
+    return dense + sum(len(idx) * (e.w13[0].nbytes + e.w2[0].nbytes) for idx, e in zip(routed, experts))
 
 
 def matvec_bandwidth() -> float:
@@ -134,12 +165,7 @@ def profile_step(model: DeepseekV2, cfg: ModelConfig) -> None:
     events = [e for e in prof.events() if e.cpu_parent is None and not e.name.startswith("[")]
     n_ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
     in_ops = sum(e.cpu_time_total for e in events) / 1e6
-    # weights read by one token: everything but the embedding table, the inactive routed experts excluded
-    active = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts.w" not in n
-                 and "embed_tokens" not in n)
-    for moe in model.moe_layers():
-        per_expert = (moe.experts.w13[0].numel() + moe.experts.w2[0].numel()) * moe.experts.w13.element_size()
-        active += per_expert * cfg.num_experts_per_tok
+    active = step_weight_bytes(model, torch.randint(3, cfg.vocab_size, (1, 64)))  # weights read by one token
     bw = matvec_bandwidth()
     print(f"\nbatch-1 decode step, {torch.get_num_threads()} thread(s): {wall * 1e3:.2f} ms wall; {n_ops} aten op "
           f"calls; top-level ops account for {in_ops * 1e3:.2f} ms ({in_ops / wall:.0%}); weights read per token "
