@@ -8,6 +8,7 @@
 #   BASE=CKPT FREEZE_LATENTS=1000000 bash runs/long_context.sh   # another base (one that copies), its latents held
 #   KV_FRACTION=0.5 COPY_FRACTION=0.25 bash runs/long_context.sh  # the retrieval stage's mixture (default 0.9 / 0)
 #   COPY_SOURCE=mixed COPY_VOCAB=36 ...          # its copy spans amid text, of letters and digits
+#   EXTEND_DATA="--kv-fraction 0.5 --copy-fraction 0.5 --copy-source mixed --copy-vocab 36" ...  # extension mixture
 #   ROPES=yarn bash runs/long_context.sh & ROPES=pi bash runs/long_context.sh   # variants side by side (same OUT)
 #
 # 1. retrieval: the demo model (runs/demo, `dsv2 demo` makes it) only saw Python; it is first taught the needle
@@ -34,6 +35,7 @@ COPY_FRACTION=${COPY_FRACTION:-0}    # ... and copy sequences (the rest is corpu
 COPY_SOURCE=${COPY_SOURCE:-random}   # the copy sequences' spans: random / text / mixed (dsv2 extend --copy-source)
 COPY_VOCAB=${COPY_VOCAB:-}           # palette size for random and mixed spans (unset: dsv2's; 36: letters, digits)
 FREEZE_LATENTS=${FREEZE_LATENTS:-0}  # > 0: every stage holds the base's latent down-projections (--freeze-latents)
+EXTEND_DATA=${EXTEND_DATA:---kv-fraction 0.75 --kv-max-needles 8}  # the extension's mixture (word-split flags)
 start=$(date +%s)
 mkdir -p "$OUT"
 
@@ -95,7 +97,7 @@ mkdir -p "$OUT/short" && echo "$SHORT" > "$OUT/short/checkpoint.txt"
 for rope in ${ROPES:-yarn pi none}; do
   if [ -z "$(latest "$OUT/$rope")" ]; then
     $DSV2 extend --init-from "$SHORT" --rope "$rope" --factor 8 --seq-len 2048 --steps "$EXTEND_STEPS" \
-      --batch-size "$EXTEND_BATCH" --micro-batch-size 1 --kv-fraction 0.75 --kv-max-needles 8 --lr 1e-3 \
+      --batch-size "$EXTEND_BATCH" --micro-batch-size 1 $EXTEND_DATA --lr 1e-3 \
       --warmup-steps 2 --eval-every "$EXTEND_STEPS" --save-every "$EXTEND_STEPS" --out "$OUT/$rope" "${COMMON[@]}"
   fi
   [ -f "$OUT/$rope/eval/niah.json" ] || evaluate "$(latest "$OUT/$rope")" "$OUT/$rope/eval"

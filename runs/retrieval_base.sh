@@ -4,6 +4,7 @@
 #
 #   bash runs/retrieval_base.sh                  # writes runs/retrieval_base/ (each stage resumes)
 #   OUT=/tmp/rb RETRIEVAL_STEPS=1000 bash runs/retrieval_base.sh
+#   OUT=runs/retrieval_base4 LAYERS=4 bash runs/retrieval_base.sh   # a deeper base (the same recipe otherwise)
 #   bash runs/retrieval_base.sh && BASE=$(ls -d runs/retrieval_base/retrieval/checkpoints/step-* | tail -1) \
 #     RETRIEVAL_STEPS=0 FREEZE_LATENTS=1000000 EXTEND_STEPS=200 EXTEND_BATCH=2 TRIALS=4 bash runs/long_context.sh
 #
@@ -24,14 +25,15 @@ OUT=${OUT:-runs/retrieval_base}
 COPY_STEPS=${COPY_STEPS:-1500}
 MIXED_STEPS=${MIXED_STEPS:-1000}
 RETRIEVAL_STEPS=${RETRIEVAL_STEPS:-1500}
+LAYERS=${LAYERS:-2}  # decoder layers (all with a dense FFN)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 latest() { ls -d "$1"/checkpoints/step-* 2>/dev/null | sort | tail -1 || true; }
 stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 mkdir -p "$OUT"
-cat > "$OUT/model.toml" <<'EOF'
+cat > "$OUT/model.toml" <<EOF
 [model]
 hidden_size = 128
-num_hidden_layers = 2
+num_hidden_layers = $LAYERS
 num_attention_heads = 4
 q_lora_rank = 128
 kv_lora_rank = 128
@@ -39,7 +41,7 @@ qk_nope_head_dim = 32
 qk_rope_head_dim = 8
 v_head_dim = 32
 intermediate_size = 256
-first_k_dense_replace = 2
+first_k_dense_replace = $LAYERS
 EOF
 COMMON=(--max-steps 100000 --schedule constant --lr 1e-3 --batch-size 16 --max-bytes 5000000 --eval-every 250
         --save-every 250 --eval-batches 1 --log-every 25 --keep-last 2 --seed 0 --no-progress --freeze-latents 1000000)
