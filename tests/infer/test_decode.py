@@ -193,6 +193,32 @@ def test_compiled_engine_makes_one_graph_for_every_batch_size_and_width():
     assert counters["stats"]["unique_graphs"] <= 3
 
 
+def test_engine_warmup_compiles_every_decode_shape_before_requests():
+    """`Engine.warmup` (what `dsv2 serve --compile` runs before it listens) builds every graph the compiled decode
+    step needs, so requests of any batch size and length afterwards compile nothing, and it leaves no trace."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 30, 9, 17)]
+    params = [SamplingParams(max_tokens=m) for m in (4, 22, 9, 30)]  # batch 4 -> 1, tables 1 -> 4 blocks
+    eager = [o.token_ids for o in Engine(model, num_blocks=64, block_size=8, eos_token_id=None).generate(
+        prompts, params)]
+    assert Engine(model, num_blocks=64, eos_token_id=None).warmup() == 0  # nothing to compile
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, num_blocks=64, block_size=8, eos_token_id=None, compile="aot_eager")
+    assert engine.warmup() == 3  # one request alone, then two together
+    built = counters["stats"]["unique_graphs"]
+    assert engine.stats()["free_blocks"] == 64 and not engine.has_work() and not engine.requests
+    assert [o.token_ids for o in engine.generate(prompts, params)] == eager
+    assert [o.token_ids for o in engine.generate(prompts[2:], params[2:])] == eager[2:]
+    assert counters["stats"]["unique_graphs"] == built  # nothing compiled while serving
+    engine.add_request([5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="before adding requests"):
+        engine.warmup()
+
+
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 def test_compiled_step_keeps_the_pool_size_static(kv_dtype):
     """Two engines over one model with pools of different sizes: the second compiled step must see the pool (its

@@ -77,7 +77,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admission", default="optimistic", choices=["optimistic", "reserve"],
                    help="optimistic: admit when the prompt fits, preempt on a full pool; reserve: admit only when "
                         "prompt + max_tokens fit (never preempts)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU); "
+                   "`serve` compiles every shape of it before it starts listening")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -238,6 +239,11 @@ def _serve(args) -> int:
     if max_body < 1 or args.max_stop_chars < 1 or args.grace_period < 0 or args.max_queue < 1:
         raise ValueError("--max-body-size, --max-stop-chars and --max-queue must be positive, --grace-period >= 0")
     engine, tokenizer, template = load_engine(args, max_waiting=args.max_queue)
+    if args.compile:
+        print("dsv2 serve: compiling the decode step before serving (minutes on a CPU) ...", file=sys.stderr)
+        t = time.perf_counter()
+        engine.warmup()
+        print(f"dsv2 serve: compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     names = args.served_model_name or [_default_model_name(Path(args.model))]
     loop = EngineLoop(engine).start()
     stats = engine.stats()

@@ -519,6 +519,24 @@ class Engine:
         return outputs
 
     # ---- offline use ---------------------------------------------------------------------------------------
+    def warmup(self) -> int:
+        """Build the compiled decode step for every shape it takes before any request comes: batch 1 and batches
+        above 1, each with block tables one block wide and wider (torch specialises sizes 1), by running short
+        dummy requests to completion; afterwards no request waits for torch.compile (minutes on a CPU). Returns
+        the number of dummy requests run (0 without compile). Call it before adding requests."""
+        if not self.compile:
+            return 0
+        if self.has_work():
+            raise RuntimeError("warm the engine up before adding requests")
+        n = self.pool.block_size + 1  # the table widens from one block to two during these tokens
+        runs = 0
+        for batch in (1, 2)[: self.max_batch_size]:
+            if batch * self.pool.blocks_for(1 + n) > self.pool.num_blocks or 1 + n > self.max_model_len:
+                break
+            self.generate([[0]] * batch, SamplingParams(max_tokens=n, ignore_eos=True))
+            runs += batch
+        return runs
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[GenerationResult]:
         """Run prompts to completion (all admitted as the pool allows); results in prompt order."""
