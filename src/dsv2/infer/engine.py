@@ -51,10 +51,6 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_count_regis
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
-def _parameters(model: DeepseekV2) -> list[torch.Tensor]:
-    return list(model.parameters())
-
-
 def _weights_key(params: list[torch.Tensor]) -> tuple:
     """What a weight update changes: each parameter's storage (`.data =` swaps it) and in-place version."""
     return tuple((t.data_ptr(), t._version) for t in params)
@@ -67,13 +63,14 @@ class _Frozen:
     replaced); otherwise the kept list's storages and versions are compared (in-place updates, `.data` swaps)."""
 
     def __init__(self, model: DeepseekV2):
-        self.params = _parameters(model)
-        self.ids, self.key, self.registrations = [id(p) for p in self.params], _weights_key(self.params), \
-            _REGISTRATIONS[0]
+        self.params = list(model.parameters())
+        self.ids = [id(p) for p in self.params]
+        self.key = _weights_key(self.params)
+        self.registrations = _REGISTRATIONS[0]
 
     def unchanged(self, model: DeepseekV2) -> bool:
         if self.registrations != _REGISTRATIONS[0]:
-            params = _parameters(model)
+            params = list(model.parameters())
             if [id(p) for p in params] != self.ids:
                 return False
             self.params, self.registrations = params, _REGISTRATIONS[0]
@@ -89,12 +86,14 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
     and one-block tables get their own: torch specialises sizes 0 and 1). Compiling the whole forward instead made
     a graph for each batch size a serving engine ran.
 
-    inductor on CPU uses freezing (weights constant-folded into the compiled code and prepacked for oneDNN, which
-    made batch-1 decode faster than plain inductor; not for FP8 models, whose weights would be folded in
-    dequantized, i.e. at full size) and the C++ wrapper (the graph's kernels are called from C++, not from a Python
-    wrapper: less of the per-step overhead that bounds batch-1 decode). The compiled code is keyed by the weights'
-    identity and version: a weight changed in place (an optimizer step) or replaced is seen by compiling again,
-    never silently missed. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
+    inductor on CPU runs with its freezing option (meant to constant-fold the weights into the compiled code; not
+    for FP8 models, whose weights would be folded in dequantized, i.e. at full size) and the C++ wrapper (the
+    graph's kernels are called from C++, not from a Python wrapper: less of the per-step overhead that bounds
+    batch-1 decode). With torch 2.13 the parameters stay inputs of the graph all the same: a weight changed in place
+    shows up in the compiled step's output without a recompile (measured). The compiled code is still keyed by the
+    weights' identity and version (`_Frozen`), so that a weight changed in place (an optimizer step) or replaced is
+    seen by compiling again, never silently missed, should a version fold them in. On CUDA, inductor captures CUDA
+    graphs ("reduce-overhead") over the live weights.
     """
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
