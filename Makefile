@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU-only machine takes the CPU build of torch (small, fast to install); a CUDA machine takes the default.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.8" || echo "torch==2.13.0")
 
-.PHONY: setup demo demo-full test test-all bench clean
+.PHONY: setup demo demo-full demo-long test test-all bench clean
 
 $(BIN)/dsv2: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo-full: setup
 	OUT=runs/align_terse BASE=runs/retrieval_base/retrieval/checkpoints/step-00001500 FREEZE_LATENTS=1000000 \
 	  TASK_ARGS="--n-train 4000 --n-test 400 --steps 2 --max-number 9 --terse-fraction 0.6" SFT_STEPS=1000 \
 	  GRPO_STEPS=200 GRPO_BATCH=64 GRPO_LR=3e-5 EVAL_N=400 EVAL_EVERY=25 bash runs/align.sh
+
+demo-long: setup  # docs/long_context.md: a 4-layer retrieval base (about 40 min), then YaRN / PI / none to 2048
+	OUT=runs/retrieval_base4 LAYERS=4 RETRIEVAL_STEPS=250 bash runs/retrieval_base.sh
+	for rope in yarn pi none; do \
+	  OUT=runs/lc4 BASE=runs/retrieval_base4/retrieval/checkpoints/step-00000250 RETRIEVAL_STEPS=0 \
+	    FREEZE_LATENTS=1000000 EXTEND_STEPS=200 EXTEND_BATCH=2 TRIALS=8 ROPES=$$rope bash runs/long_context.sh; \
+	done
 
 test: setup  # fails on any pytest failure, also exit 5 ("no tests collected")
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,7 @@
 # its trained length (256) by a factor 8 to 2048, compared with plain position interpolation (PI) and no scaling at
 # the same steps, data and seed; needle-in-a-haystack grids and loss-by-position curves for each.
 #
+#   make demo-long                               # the run that works: a 4-layer base from runs/retrieval_base.sh
 #   bash runs/long_context.sh                    # writes runs/long_context/ (summary.json, niah_grids.png, ppl.png)
 #   RETRIEVAL_STEPS=200 EXTEND_STEPS=100 bash runs/long_context.sh   # longer (the defaults fit a shared 2-core CPU)
 #   BASE=CKPT FREEZE_LATENTS=1000000 bash runs/long_context.sh   # another base (one that copies), its latents held
