@@ -4,7 +4,7 @@
 #
 #   bash runs/retrieval_base.sh                  # writes runs/retrieval_base/ (each stage resumes)
 #   OUT=/tmp/rb RETRIEVAL_STEPS=1000 bash runs/retrieval_base.sh
-#   OUT=runs/retrieval_base4 LAYERS=4 bash runs/retrieval_base.sh   # a deeper base (the same recipe otherwise)
+#   OUT=runs/retrieval_base4 LAYERS=4 RETRIEVAL_STEPS=250 bash runs/retrieval_base.sh   # make demo-long's deeper base
 #   bash runs/retrieval_base.sh && BASE=$(ls -d runs/retrieval_base/retrieval/checkpoints/step-* | tail -1) \
 #     RETRIEVAL_STEPS=0 FREEZE_LATENTS=1000000 EXTEND_STEPS=200 EXTEND_BATCH=2 TRIALS=4 bash runs/long_context.sh
 #
