@@ -278,8 +278,9 @@ def test_compiled_step_writes_its_caches_in_place(kv_dtype):
 
 
 def test_compile_freezes_weights_on_cpu_except_fp8_and_recompiles_after_an_update(monkeypatch):
-    """inductor on CPU freezes the weights into the code (not FP8 ones: they would be folded in at full size), so an
-    in-place weight update must make a fresh compile; an unchanged model reuses its compiled forward."""
+    """inductor on CPU runs with its freezing option (not for FP8 weights: they would be folded in at full size);
+    should it fold the weights into the code, an in-place weight update must make a fresh compile, so compiled()
+    compiles again after one; an unchanged model reuses its compiled forward."""
     import dsv2.infer.engine as engine_mod
 
     calls = []

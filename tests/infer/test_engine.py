@@ -237,4 +237,3 @@ def test_compiled_cpu_step_reads_the_live_weights():
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1
-

@@ -90,10 +90,10 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
     for FP8 models, whose weights would be folded in dequantized, i.e. at full size) and the C++ wrapper (the
     graph's kernels are called from C++, not from a Python wrapper: less of the per-step overhead that bounds
     batch-1 decode). With torch 2.13 the parameters stay inputs of the graph all the same: a weight changed in place
-    shows up in the compiled step's output without a recompile (measured). The compiled code is still keyed by the
-    weights' identity and version (`_Frozen`), so that a weight changed in place (an optimizer step) or replaced is
-    seen by compiling again, never silently missed, should a version fold them in. On CUDA, inductor captures CUDA
-    graphs ("reduce-overhead") over the live weights.
+    shows up in the compiled step's output without a recompile (a slow test in tests/infer/test_engine.py). The
+    compiled code is still keyed by the weights' identity and version (`_Frozen`), so that a weight changed in place
+    (an optimizer step) or replaced is seen by compiling again, never silently missed, should a version fold them
+    in. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
     """
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
@@ -529,8 +529,10 @@ class Engine:
             raise RuntimeError("warm the engine up before adding requests")
         n = self.pool.block_size + 1  # the table widens from one block to two during these tokens
         runs = 0
+        if 1 + n > self.max_model_len:
+            return runs
         for batch in (1, 2)[: self.max_batch_size]:
-            if batch * self.pool.blocks_for(1 + n) > self.pool.num_blocks or 1 + n > self.max_model_len:
+            if batch * self.pool.blocks_for(1 + n) > self.pool.num_blocks:
                 break
             self.generate([[0]] * batch, SamplingParams(max_tokens=n, ignore_eos=True))
             runs += batch
