@@ -19,6 +19,13 @@ float32 matrix from memory). "floor x" = transformers' step time / the floor: th
 reach against transformers there (the weights may stay partly in a large last-level cache between steps, so the true
 floor may be a little lower).
 
+"mm ms" is what the matrix products alone of one eager decode step of this batch take: every mm / addmm / bmm /
+grouped-mm call of a real step (prefill, then one step, recorded by a dispatch mode) replayed back to back on the
+same tensors, nothing else in between. The bandwidth floor assumes that a step streams its weights at the large
+matrix-vector rate; this library's kernels on these narrow matrices (256 wide) and on a few rows at a time (a batch
+of 16 gives each routed expert 1-6 rows) run well below it, and "mm x" = transformers' step / mm ms is the most an
+implementation built on the same kernels and the same products could reach against transformers.
+
 --profile runs one batch-1 decode step under torch.profiler and prints where its time goes: the number of tensor
 ops, the share of wall time spent inside ops vs. in Python between them, and the time the step's weight bytes
 would take at this machine's measured matrix-vector bandwidth (the memory-bandwidth bound).
@@ -103,12 +110,14 @@ def run_shape(shape: str, args) -> list[dict]:
             secs = best_of(runs, args.repeats)
             ref = torch.tensor(hf_run())
             floor = step_weight_bytes(model, ids) / matvec_bandwidth()
+            mm_s = replay_seconds(step_matmuls(model, ids))
             for name, s in secs.items():
                 same = (torch.tensor(runs[name]()) == ref).float().mean().item()
                 rows.append({"shape": shape, "threads": threads, "batch": B, "system": name,
                              "tok/s": B * n_new / s, "ms/token step": 1000 * s / n_new,
                              "x transformers": secs["transformers"] / s, "same tokens": same,
-                             "floor ms": 1000 * floor, "floor x": secs["transformers"] / n_new / floor})
+                             "floor ms": 1000 * floor, "floor x": secs["transformers"] / n_new / floor,
+                             "mm ms": 1000 * mm_s, "mm x": secs["transformers"] / n_new / mm_s})
     if args.profile:
         profile_step(model, cfg)
     return rows
@@ -134,6 +143,43 @@ def step_weight_bytes(model: DeepseekV2, ids: torch.Tensor) -> int:
                 if "experts.w" not in n and "embed_tokens" not in n)
     experts = [moe.experts for moe in model.moe_layers()]
     return dense + sum(len(idx) * (e.w13[0].nbytes + e.w2[0].nbytes) for idx, e in zip(routed, experts))
+
+
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
+
+
+@torch.inference_mode()
+def step_matmuls(model: DeepseekV2, ids: torch.Tensor) -> list:
+    """The matrix products (op, args, kwargs) of one eager decode step of the batch `ids` [B, T], after its
+    prefill, in call order: weights as the same tensors, activations and outputs as the step made them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in MATMULS:
+                calls.append((func, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + 1)
+    tok = model(ids, cache=cache, output_positions=torch.full((ids.shape[0],), ids.shape[1] - 1)).argmax(-1)
+    with Record():
+        model(tok[:, None], cache=cache)
+    return calls
+
+
+@torch.inference_mode()
+def replay_seconds(calls: list, repeats: int = 20) -> float:
+    """Best time of running the recorded products back to back (one warm-up round)."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return best
 
 
 def matvec_bandwidth() -> float:
@@ -165,12 +211,17 @@ def profile_step(model: DeepseekV2, cfg: ModelConfig) -> None:
     events = [e for e in prof.events() if e.cpu_parent is None and not e.name.startswith("[")]
     n_ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
     in_ops = sum(e.cpu_time_total for e in events) / 1e6
-    active = step_weight_bytes(model, torch.randint(3, cfg.vocab_size, (1, 64)))  # weights read by one token
+    prompt = torch.randint(3, cfg.vocab_size, (1, 64))
+    active = step_weight_bytes(model, prompt)  # weights read by one token
     bw = matvec_bandwidth()
+    calls = step_matmuls(model, prompt)
+    mm = replay_seconds(calls)
     print(f"\nbatch-1 decode step, {torch.get_num_threads()} thread(s): {wall * 1e3:.2f} ms wall; {n_ops} aten op "
           f"calls; top-level ops account for {in_ops * 1e3:.2f} ms ({in_ops / wall:.0%}); weights read per token "
           f"{active / 2**20:.1f} MiB -> {active / bw * 1e3:.3f} ms at the measured {bw / 1e9:.1f} GB/s "
-          f"matrix-vector bandwidth ({active / bw / wall:.0%} of the step)")
+          f"matrix-vector bandwidth ({active / bw / wall:.0%} of the step); its {len(calls)} matrix products "
+          f"alone, replayed back to back: {mm * 1e3:.2f} ms ({mm / wall:.0%} of the step, "
+          f"{active / mm / 1e9:.1f} GB/s of weights)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

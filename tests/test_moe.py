@@ -278,3 +278,37 @@ def test_compiled_expert_path_is_grouped_in_bf16_and_gathered_otherwise(monkeypa
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert experts._choose(torch.randn(16, 32, dtype=torch.bfloat16), counts)[0] == "grouped"
     assert experts._choose(torch.randn(16, 32), counts)[0] == "gathered"
+
+
+def test_a_single_token_at_inference_skips_dispatch_on_both_paths(monkeypatch):
+    """A single token at inference (decode at batch 1) runs its K experts without dispatch, sort or combine: one
+    matmul each (eager CPU, "loop") or through their gathered weights ("gathered", and "auto" while compiling in
+    fp32: a compiled CPU step), equal to the dispatched path; two tokens and training still dispatch."""
+    moe = _moe().eval()
+    x = torch.randn(1, 1, 32)
+    dispatched = []
+    dispatch = moe.dispatcher.dispatch
+    monkeypatch.setattr(moe.dispatcher, "dispatch", lambda *a, **k: dispatched.append(1) or dispatch(*a, **k))
+    pairs = []
+    forward_pairs = moe.experts.forward_pairs
+    monkeypatch.setattr(moe.experts, "forward_pairs", lambda *a: pairs.append(1) or forward_pairs(*a))
+    with torch.no_grad():
+        moe.experts.impl = "grouped"
+        ref = moe(x)
+        assert dispatched
+        dispatched.clear()
+        for impl in ("loop", "gathered"):
+            moe.experts.impl = impl
+            assert (moe(x) - ref).abs().max() < 1e-5 and moe.load is None
+        assert len(pairs) == 1
+        moe.experts.impl = "auto"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert (moe(x) - ref).abs().max() < 1e-5
+        assert len(pairs) == 2 and not dispatched
+        two = torch.randn(1, 2, 32)
+        moe(two)
+        assert dispatched and len(pairs) == 2
+        dispatched.clear()
+        moe.train()
+        assert (moe(x) - ref).abs().max() < 1e-5
+        assert dispatched and moe.load.sum() == 4

@@ -86,7 +86,8 @@ class RoutedExperts(nn.Module):
     shared buffers: the small-batch path of decode), "gathered" (each row's expert weights gathered, then one
     batched matmul: static shapes, what torch.compile traces), or "auto": while compiling, grouped where its bf16
     kernel traces (training on CUDA) and gathered otherwise; else grouped for training and on CUDA, the loop where
-    grouped_mm cannot run or, on CPU, when few experts have rows. Tests check the paths agree.
+    grouped_mm cannot run or, on CPU, when few experts have rows. Tests check the paths agree. A single token at
+    inference skips dispatch: `forward_token` (eager, one matmul per expert) or `forward_pairs` (gathered).
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int):
@@ -108,11 +109,18 @@ class RoutedExperts(nn.Module):
         """Expert e's w13 [2I, H] and w2 [H, I] in `dtype` (views when the dtype matches)."""
         return self.w13[e].to(dtype), self.w2[e].to(dtype)
 
+    def gathers(self, x: torch.Tensor) -> bool:
+        """Whether rows x take the gathered path: asked for, or "auto" while compiling where grouped_mm does not
+        trace (it does in bf16 with torch 2.13; static shapes only, so no loop)."""
+        if self.impl != "auto":
+            return self.impl == "gathered"
+        return torch.compiler.is_compiling() and not (_grouped_mm_ok(x) and x.dtype == torch.bfloat16)
+
     def _choose(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[str, list[int] | None]:
         if self.impl != "auto":
             return self.impl, None
-        if torch.compiler.is_compiling():  # static shapes only: grouped_mm traces in bf16 (torch 2.13), else gather
-            return ("grouped" if _grouped_mm_ok(x) and x.dtype == torch.bfloat16 else "gathered"), None
+        if torch.compiler.is_compiling():
+            return ("gathered" if self.gathers(x) else "grouped"), None
         if not _grouped_mm_ok(x):
             return "loop", None
         if x.device.type != "cpu" or self._needs_grad(x):
@@ -139,9 +147,7 @@ class RoutedExperts(nn.Module):
         if impl == "gathered":
             expert_of_row = torch.repeat_interleave(torch.arange(counts.shape[0], device=x.device), counts,
                                                     output_size=x.shape[0])
-            w13, w2 = self.weights(x.dtype, expert_of_row)  # [M, 2I, H], [M, H, I]
-            h = torch.bmm(w13, x[:, :, None])[..., 0]
-            return torch.bmm(w2, self._act(h, row_weight)[:, :, None])[..., 0]
+            return self._gathered(x, expert_of_row, row_weight)
         n = counts.tolist() if n is None else n
         if not self._needs_grad(x):
             return self._loop_into_buffers(x, n, row_weight)
@@ -153,6 +159,22 @@ class RoutedExperts(nn.Module):
                 outs.append(F.linear(self._act(F.linear(x[start:start + c], w13), w), w2))
                 start += c
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+    def forward_pairs(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """y [N, H] = sum_k topk_w[:, k] * expert_{topk_idx[:, k]}(x) for tokens x [N, H], one slot k at a time with
+        each token's expert weights gathered: no sort, dispatch or combine, static shapes (the gathered path for a
+        single token, i.e. a compiled batch-1 decode step; sorting pays off from two tokens on, where rows of the
+        same expert then read the same weights one after another)."""
+        y = self._gathered(x, topk_idx[:, 0], topk_w[:, 0])
+        for k in range(1, topk_idx.shape[1]):  # rows = x itself: no index arithmetic in the compiled kernel
+            y = y + self._gathered(x, topk_idx[:, k], topk_w[:, k])
+        return y
+
+    def _gathered(self, x: torch.Tensor, expert_of_row: torch.Tensor, row_weight: torch.Tensor | None):
+        """Rows x [M, H] through the experts expert_of_row [M], their weights gathered per row."""
+        w13, w2 = self.weights(x.dtype, expert_of_row)  # [M, 2I, H], [M, H, I]
+        h = torch.bmm(w13, x[:, :, None])[..., 0]
+        return torch.bmm(w2, self._act(h, row_weight)[:, :, None])[..., 0]
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad)
@@ -295,8 +317,10 @@ class LocalDispatcher:
 class MoE(nn.Module):
     """DeepSeekMoE: route (the gate) -> dispatch -> routed experts -> combine, plus the shared experts.
 
-    A single token at inference (decode at batch 1, on CPU) skips dispatch and combine: its K experts run one
-    after another (`RoutedExperts.forward_token`), with `experts.impl` "auto" or "loop" and the local dispatcher.
+    A single token at inference with the local dispatcher (decode at batch 1) skips dispatch and combine: its K
+    experts run one after another (`RoutedExperts.forward_token`, on CPU with `experts.impl` "auto" or "loop",
+    eager), or through their gathered weights where the experts gather (`forward_pairs`: a compiled CPU step, or
+    `impl` "gathered").
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -312,9 +336,14 @@ class MoE(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}  # balance losses of the last training forward
         self.load: torch.Tensor | None = None  # tokens per expert in the last forward (detached) [E]
 
-    def _single_token_path(self, x: torch.Tensor) -> bool:
-        return (not self.training and x.device.type == "cpu" and self.experts.impl in ("auto", "loop")
-                and type(self.dispatcher) is LocalDispatcher and not torch.compiler.is_compiling())
+    def _single_token_path(self, x: torch.Tensor) -> str | None:
+        """"gathered" or "loop" where a single token x [1, H] skips dispatch, else None."""
+        if x.shape[0] != 1 or self.training or type(self.dispatcher) is not LocalDispatcher:
+            return None
+        if self.experts.gathers(x):
+            return "gathered"
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        return "loop" if eager_cpu and self.experts.impl in ("auto", "loop") else None
 
     def forward(self, x: torch.Tensor, drop_exempt: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, H]. drop_exempt [B]: sequences token dropping leaves whole (the model draws them once per
@@ -330,8 +359,10 @@ class MoE(nn.Module):
             if self.cfg.token_drop:
                 drop = getattr(self.dispatcher, "token_drop", device_token_drop)
                 keep = drop(scores.gather(1, topk_idx), topk_idx, B, self.cfg, drop_exempt)
-        if xf.shape[0] == 1 and self._single_token_path(xf):
-            y = self.experts.forward_token(xf, topk_idx[0], topk_w[0]).view(B, T, H)
+        single = self._single_token_path(xf)
+        if single is not None:
+            y = (self.experts.forward_pairs(xf, topk_idx, topk_w) if single == "gathered"
+                 else self.experts.forward_token(xf, topk_idx[0], topk_w[0])).view(B, T, H)
             self.load = None
         else:
             rows, counts, row_w, state = self.dispatcher.dispatch(xf, topk_idx, topk_w, self.n_experts, keep)
