@@ -280,7 +280,8 @@ def test_compiled_step_writes_its_caches_in_place(kv_dtype):
 def test_compile_freezes_weights_on_cpu_except_fp8_and_recompiles_after_an_update(monkeypatch):
     """inductor on CPU runs with its freezing option (not for FP8 weights: they would be folded in at full size);
     should it fold the weights into the code, an in-place weight update must make a fresh compile, so compiled()
-    compiles again after one; an unchanged model reuses its compiled forward."""
+    compiles again after one, and after a change of torch's thread count; an unchanged model reuses its compiled
+    forward."""
     import dsv2.infer.engine as engine_mod
 
     calls = []
@@ -309,3 +310,11 @@ def test_compile_freezes_weights_on_cpu_except_fp8_and_recompiles_after_an_updat
     engine_mod.compiled(model)
     engine_mod.compiled(model)
     assert len(calls) == 6
+    threads = torch.get_num_threads()
+    try:  # inductor writes CPU kernels for the thread count at hand: another count compiles again
+        torch.set_num_threads(threads + 1)
+        engine_mod.compiled(model)
+        engine_mod.compiled(model)
+        assert len(calls) == 7
+    finally:
+        torch.set_num_threads(threads)

@@ -93,21 +93,25 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
     shows up in the compiled step's output without a recompile (a slow test in tests/infer/test_engine.py). The
     compiled code is still keyed by the weights' identity and version (`_Frozen`), so that a weight changed in place
     (an optimizer step) or replaced is seen by compiling again, never silently missed, should a version fold them
-    in. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights.
+    in. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights. On CPU the compiled code
+    is also keyed by torch's thread count: inductor writes its kernels for the threads there are when it compiles
+    (OpenMP loops only with more than one), so a forward compiled at one thread and run at two would keep
+    single-threaded kernels.
     """
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
     per_model = _COMPILED.setdefault(model, {})
-    hit = per_model.get(backend)  # (the frozen weights, or None when not frozen; the compiled forward)
-    if hit is None or (hit[0] is not None and not hit[0].unchanged(model)):
+    threads = None if cuda else torch.get_num_threads()
+    hit = per_model.get(backend)  # (the frozen weights, or None when not frozen; the compiled forward; threads)
+    if hit is None or (hit[0] is not None and not hit[0].unchanged(model)) or hit[2] != threads:
         if hit is not None:
-            torch._dynamo.reset()  # drop the code compiled against the old weights
+            torch._dynamo.reset()  # drop the code compiled against the old weights or thread count
         freeze = backend == "inductor" and not cuda and not is_fp8(model)
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         fn = torch.compile(model.layers_forward, mode=mode, backend=backend,
                            options={"freezing": True, "cpp_wrapper": True} if freeze else None)
         step = functools.partial(model.run_step, layers=fn)  # called like the model
-        per_model[backend] = hit = (_Frozen(model) if freeze else None, step)
+        per_model[backend] = hit = (_Frozen(model) if freeze else None, step, threads)
     return hit[1]
 
 
