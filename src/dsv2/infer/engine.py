@@ -40,41 +40,6 @@ MAX_LOGPROBS = 20
 
 
 _COMPILED: "weakref.WeakKeyDictionary[DeepseekV2, dict]" = weakref.WeakKeyDictionary()
-_REGISTRATIONS = [0]  # parameters and submodules registered on any module in this process (a change counter)
-
-
-def _count_registration(*_) -> None:
-    _REGISTRATIONS[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-
-
-def _weights_key(params: list[torch.Tensor]) -> tuple:
-    """What a weight update changes: each parameter's storage (`.data =` swaps it) and in-place version."""
-    return tuple((t.data_ptr(), t._version) for t in params)
-
-
-class _Frozen:
-    """The weights a frozen compile was made against, checked at every step for a tenth of what walking the module
-    tree costs (on `small`, 0.04 ms instead of 0.4 ms, which was 7% of a compiled batch-1 step). The parameter list
-    is walked again only after something registered a parameter or submodule somewhere (a weight or module
-    replaced); otherwise the kept list's storages and versions are compared (in-place updates, `.data` swaps)."""
-
-    def __init__(self, model: DeepseekV2):
-        self.params = list(model.parameters())
-        self.ids = [id(p) for p in self.params]
-        self.key = _weights_key(self.params)
-        self.registrations = _REGISTRATIONS[0]
-
-    def unchanged(self, model: DeepseekV2) -> bool:
-        if self.registrations != _REGISTRATIONS[0]:
-            params = list(model.parameters())
-            if [id(p) for p in params] != self.ids:
-                return False
-            self.params, self.registrations = params, _REGISTRATIONS[0]
-        return _weights_key(self.params) == self.key
 
 
 def compiled(model: DeepseekV2, compile: bool | str = True):
@@ -86,32 +51,28 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
     and one-block tables get their own: torch specialises sizes 0 and 1). Compiling the whole forward instead made
     a graph for each batch size a serving engine ran.
 
-    inductor on CPU runs with its freezing option (meant to constant-fold the weights into the compiled code; not
-    for FP8 models, whose weights would be folded in dequantized, i.e. at full size) and the C++ wrapper (the
-    graph's kernels are called from C++, not from a Python wrapper: less of the per-step overhead that bounds
-    batch-1 decode). With torch 2.13 the parameters stay inputs of the graph all the same: a weight changed in place
-    shows up in the compiled step's output without a recompile (a slow test in tests/infer/test_engine.py). The
-    compiled code is still keyed by the weights' identity and version (`_Frozen`), so that a weight changed in place
-    (an optimizer step) or replaced is seen by compiling again, never silently missed, should a version fold them
-    in. On CUDA, inductor captures CUDA graphs ("reduce-overhead") over the live weights. On CPU the compiled code
-    is also keyed by torch's thread count: inductor writes its kernels for the threads there are when it compiles
-    (OpenMP loops only with more than one), so a forward compiled at one thread and run at two would keep
-    single-threaded kernels.
+    The parameters are inputs of the compiled graph, read afresh at every step: a weight changed in place (an
+    optimizer step between rollouts) or replaced shows up without a recompile (tests/infer/test_engine.py).
+    inductor's freezing option is not used: it would fold the weights into the code as constants (for FP8 models,
+    dequantized: at full size), and in ad hoc timings with torch 2.13 it made the step no faster. On CPU the
+    graph's kernels are called from inductor's C++ wrapper rather than a Python one (less of the per-step overhead
+    that bounds batch-1 decode), and the compiled code is keyed by torch's thread count: inductor writes its kernels for the threads
+    there are when it compiles (OpenMP loops only with more than one), so a forward compiled at one thread and run
+    at two would keep single-threaded kernels. On CUDA, inductor captures CUDA graphs ("reduce-overhead").
     """
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
     per_model = _COMPILED.setdefault(model, {})
     threads = None if cuda else torch.get_num_threads()
-    hit = per_model.get(backend)  # (the frozen weights, or None when not frozen; the compiled forward; threads)
-    if hit is None or (hit[0] is not None and not hit[0].unchanged(model)) or hit[2] != threads:
+    hit = per_model.get(backend)  # (the thread count compiled for, the compiled forward)
+    if hit is None or hit[0] != threads:
         if hit is not None:
-            torch._dynamo.reset()  # drop the code compiled against the old weights or thread count
-        freeze = backend == "inductor" and not cuda and not is_fp8(model)
+            torch._dynamo.reset()  # drop the kernels written for the old thread count
+        cpp = backend == "inductor" and not cuda and not is_fp8(model)
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         fn = torch.compile(model.layers_forward, mode=mode, backend=backend,
-                           options={"freezing": True, "cpp_wrapper": True} if freeze else None)
-        step = functools.partial(model.run_step, layers=fn)  # called like the model
-        per_model[backend] = hit = (_Frozen(model) if freeze else None, step, threads)
+                           options={"cpp_wrapper": True} if cpp else None)
+        per_model[backend] = hit = (threads, functools.partial(model.run_step, layers=fn))  # called like the model
     return hit[1]
 
 
