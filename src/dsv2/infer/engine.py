@@ -56,9 +56,10 @@ def compiled(model: DeepseekV2, compile: bool | str = True):
     inductor's freezing option is not used: it would fold the weights into the code as constants (for FP8 models,
     dequantized: at full size), and in ad hoc timings with torch 2.13 it made the step no faster. On CPU the
     graph's kernels are called from inductor's C++ wrapper rather than a Python one (less of the per-step overhead
-    that bounds batch-1 decode), and the compiled code is keyed by torch's thread count: inductor writes its kernels for the threads
-    there are when it compiles (OpenMP loops only with more than one), so a forward compiled at one thread and run
-    at two would keep single-threaded kernels. On CUDA, inductor captures CUDA graphs ("reduce-overhead").
+    that bounds batch-1 decode), and the compiled code is keyed by torch's thread count: inductor writes its
+    kernels for the threads there are when it compiles (OpenMP loops only with more than one), so a forward
+    compiled at one thread and run at two would keep single-threaded kernels. On CUDA, inductor captures CUDA
+    graphs ("reduce-overhead").
     """
     backend = compile if isinstance(compile, str) else "inductor"
     cuda = model.lm_head.weight.device.type == "cuda"
