@@ -34,6 +34,7 @@ would take at this machine's measured matrix-vector bandwidth (the memory-bandwi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import tempfile
 import time
@@ -129,16 +130,18 @@ def step_weight_bytes(model: DeepseekV2, ids: torch.Tensor) -> int:
     and the routed experts, plus each MoE layer's experts that the step's tokens were routed to (a prefill, then one
     decode step, its routing recorded by hooks on the gates)."""
     routed: list[torch.Tensor] = []
-    hooks = [moe.gate.register_forward_hook(lambda mod, inp, out: routed.append(out[1].unique()))
-             for moe in model.moe_layers()]
-    try:
-        cache = model.new_cache(ids.shape[0], ids.shape[1] + 1)
-        tok = model(ids, cache=cache, output_positions=torch.full((ids.shape[0],), ids.shape[1] - 1)).argmax(-1)
-        routed.clear()
-        model(tok[:, None], cache=cache)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    @contextlib.contextmanager
+    def recording():
+        hooks = [moe.gate.register_forward_hook(lambda mod, inp, out: routed.append(out[1].unique()))
+                 for moe in model.moe_layers()]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    one_decode_step(model, ids, recording())
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if "experts.w" not in n and "embed_tokens" not in n)
     experts = [moe.experts for moe in model.moe_layers()]
@@ -162,11 +165,18 @@ def step_matmuls(model: DeepseekV2, ids: torch.Tensor) -> list:
                 calls.append((func, args, kwargs or {}))
             return func(*args, **(kwargs or {}))
 
+    one_decode_step(model, ids, Record())
+    return calls
+
+
+@torch.inference_mode()
+def one_decode_step(model: DeepseekV2, ids: torch.Tensor, during) -> None:
+    """Prefill ids [B, T] into a new cache, then run one decode step (the greedy next tokens) inside the context
+    manager `during`."""
     cache = model.new_cache(ids.shape[0], ids.shape[1] + 1)
     tok = model(ids, cache=cache, output_positions=torch.full((ids.shape[0],), ids.shape[1] - 1)).argmax(-1)
-    with Record():
+    with during:
         model(tok[:, None], cache=cache)
-    return calls
 
 
 @torch.inference_mode()
