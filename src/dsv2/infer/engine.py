@@ -494,9 +494,9 @@ class Engine:
         if self.has_work():
             raise RuntimeError("warm the engine up before adding requests")
         n = self.pool.block_size + 1  # the table widens from one block to two during these tokens
-        runs = 0
         if 1 + n > self.max_model_len:
-            return runs
+            return 0
+        runs = 0
         for batch in (1, 2)[: self.max_batch_size]:
             if batch * self.pool.blocks_for(1 + n) > self.pool.num_blocks:
                 break

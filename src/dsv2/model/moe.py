@@ -337,7 +337,7 @@ class MoE(nn.Module):
         self.load: torch.Tensor | None = None  # tokens per expert in the last forward (detached) [E]
 
     def _single_token_path(self, x: torch.Tensor) -> str | None:
-        """"gathered" or "loop" where a single token x [1, H] skips dispatch, else None."""
+        """The path by which a single token x [1, H] skips dispatch ("gathered" or "loop"), else None."""
         if x.shape[0] != 1 or self.training or type(self.dispatcher) is not LocalDispatcher:
             return None
         if self.experts.gathers(x):
