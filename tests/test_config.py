@@ -30,5 +30,7 @@ def test_validation_errors_are_clear():
         ModelConfig.from_preset("tiny", n_group=3)
     with pytest.raises(ValueError, match="topk_method"):
         ModelConfig.from_preset("tiny", topk_method="random")
+    with pytest.raises(ValueError, match="hidden_act 'tanhshrink' is not one of silu, swish, gelu"):
+        ModelConfig.from_preset("tiny", hidden_act="tanhshrink")
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf({"model_type": "gpt2"})

@@ -17,6 +17,9 @@ CONFIGS = {
     "two_dense_layers": dict(first_k_dense_replace=2, n_shared_experts=2, routed_scaling_factor=16.0),
     # the q/kv latent norms keep eps 1e-6 whatever rms_norm_eps says (DeepSeek's reference, and transformers)
     "large_rms_norm_eps": dict(rms_norm_eps=0.1),
+    # hidden_act reaches every MLP and expert (it was once silu whatever the config said)
+    "gelu": dict(hidden_act="gelu"),
+    "relu_shared_and_dense": dict(hidden_act="relu", n_shared_experts=2),
 }
 
 
@@ -44,13 +47,16 @@ def test_oracle_deviations_are_real(tmp_path):
         assert (model(ids) - patch_oracle(hf, cfg)(ids).logits).abs().max() < 1e-4
 
 
-def test_transformers_checkpoint_loads_in_dsv2(tmp_path):
-    """A checkpoint written by transformers (sharded, with an index) loads into dsv2 with identical logits."""
+@pytest.mark.parametrize("shared", [2, 0])
+def test_transformers_checkpoint_loads_in_dsv2(tmp_path, shared):
+    """A checkpoint written by transformers (sharded, with an index) loads into dsv2 with identical logits; without
+    shared experts transformers writes zero-size shared_experts tensors, which load as nothing."""
     hf_cfg = DeepseekV2Config(
         vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2, topk_method="group_limited_greedy",
-        n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=1.5, initializer_range=0.1,
+        v_head_dim=16, n_shared_experts=shared, n_routed_experts=8, num_experts_per_tok=2,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=1.5,
+        initializer_range=0.1,
     )
     hf = DeepseekV2ForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path, max_shard_size="100KB")

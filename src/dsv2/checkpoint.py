@@ -332,7 +332,15 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device: 
         conv = FP8Conversion(files, read, fp8_names, dtype)
         available, read = conv.names, conv.read
     missing = [k for k in wanted if k not in available]
-    extra = [k for k in available if k not in wanted and k not in others and not _IGNORABLE.search(k)]
+    def empty(k: str) -> bool:  # transformers writes zero-size shared_experts tensors when n_shared_experts is 0
+        if k not in files:
+            return False
+        if files[k] not in handles:
+            handles[files[k]] = _open(files[k])
+        return 0 in handles[files[k]].info(k)[1]
+
+    extra = [k for k in available if k not in wanted and k not in others and not _IGNORABLE.search(k)
+             and not empty(k)]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
     if extra:

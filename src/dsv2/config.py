@@ -120,6 +120,9 @@ class ModelConfig:
                  f"gqa needs kv_heads dividing num_attention_heads ({self.num_attention_heads}), got {self.kv_heads}")
         else:
             need(self.kv_heads is None, f"kv_heads is for attention_type 'gqa' only (got {self.attention_type!r})")
+        from dsv2.model.moe import ACTIVATIONS  # here: dsv2.model imports this module
+
+        need(self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
         need(self.topk_method in ("greedy", "group_limited_greedy"),
              f"topk_method {self.topk_method!r} is not 'greedy' or 'group_limited_greedy'")
         if self.n_routed_experts > 0:

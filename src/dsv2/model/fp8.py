@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.model import fp8_cpu
-from dsv2.model.moe import RoutedExperts
+from dsv2.model.moe import ACTIVATIONS, RoutedExperts
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -339,9 +339,10 @@ class FP8RoutedExperts(RoutedExperts):
     QUANTIZED = ("w13", "w13_scale_inv", "w2", "w2_scale_inv")
 
     def __init__(self, n_experts: int, hidden: int, inter: int, block: int = BLOCK,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, act: str = "silu"):
         nn.Module.__init__(self)  # no full-precision parameters
         self.inter, self.block, self.impl = inter, block, "auto"
+        self.act, self.act_fn = act, ACTIVATIONS[act]
         rb, hb, ib = math.ceil(inter / block), math.ceil(hidden / block), math.ceil(inter / block)
         self.register_buffer("w13", torch.zeros(n_experts, 2 * inter, hidden, dtype=FP8_DTYPE, device=device))
         self.register_buffer("w13_scale_inv", torch.ones(n_experts, 2 * rb, hb, device=device))
@@ -470,7 +471,7 @@ def fp8_skeleton(model: nn.Module, stored: Iterable[str] | None = None, prefix: 
         elif isinstance(child, RoutedExperts) and not isinstance(child, FP8RoutedExperts):
             if wanted(full, FP8RoutedExperts):
                 E, two_i, H = child.w13.shape
-                setattr(model, name, FP8RoutedExperts(E, H, two_i // 2, device=child.w13.device))
+                setattr(model, name, FP8RoutedExperts(E, H, two_i // 2, device=child.w13.device, act=child.act))
         else:
             fp8_skeleton(child, stored, f"{full}.")
 

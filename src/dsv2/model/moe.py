@@ -22,17 +22,33 @@ from torch import nn
 from dsv2.config import ModelConfig
 
 
-class MLP(nn.Module):
-    """SwiGLU MLP; used for dense layers and for the shared experts (as one MLP of n_shared * moe_intermediate)."""
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, hidden: int, inter: int):
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# config.hidden_act -> the gate activation of every MLP and expert (GLU: act(gate) * up), under transformers' names
+# (its ACT2FN): DeepSeek's checkpoints use silu; the gelu variants with a tanh approximation are one formula.
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh,
+               "gelu_pytorch_tanh": _gelu_tanh, "quick_gelu": _quick_gelu, "relu": F.relu}
+
+
+class MLP(nn.Module):
+    """Gated MLP (SwiGLU with the default silu); used for dense layers and for the shared experts (as one MLP of
+    n_shared * moe_intermediate). act: a name in ACTIVATIONS (config.hidden_act)."""
+
+    def __init__(self, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act, self.act_fn = act, ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEGate(nn.Module):
@@ -90,10 +106,11 @@ class RoutedExperts(nn.Module):
     inference skips dispatch: `forward_token` (eager, one matmul per expert) or `forward_pairs` (gathered).
     """
 
-    def __init__(self, n_experts: int, hidden: int, inter: int):
+    def __init__(self, n_experts: int, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
         self.inter = inter
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))  # [E, 2I, H]: gate_proj ; up_proj
+        self.act, self.act_fn = act, ACTIVATIONS[act]
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))  # [E, H, I]: down_proj
         self.impl = "auto"
         self._views: tuple | None = None  # per-expert transposed views for the loop, see _transposed
@@ -184,7 +201,7 @@ class RoutedExperts(nn.Module):
 
     def _act(self, h: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         g, u = h.split([self.inter, self.inter], dim=-1)
-        a = F.silu(g) * u
+        a = self.act_fn(g) * u
         return a if row_weight is None else a * row_weight[:, None].to(a.dtype)
 
     def _loop_into_buffers(self, x: torch.Tensor, n: list[int], row_weight: torch.Tensor | None) -> torch.Tensor:
@@ -207,7 +224,7 @@ class RoutedExperts(nn.Module):
         for e, w in zip(topk_idx.tolist(), topk_w.tolist()):
             w13_t, w2_t = self._transposed(e, x.dtype)
             g, u = torch.mm(x, w13_t).split_with_sizes([self.inter, self.inter], dim=-1)
-            y = torch.addmm(y, F.silu(g) * u, w2_t, alpha=w)
+            y = torch.addmm(y, self.act_fn(g) * u, w2_t, alpha=w)
         return y
 
     def _transposed(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,9 +345,10 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.n_experts = cfg.n_routed_experts
         self.gate = MoEGate(cfg)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.hidden_act)
+            if cfg.n_shared_experts else None
         )
         self.dispatcher = LocalDispatcher()
         self.aux: dict[str, torch.Tensor] = {}  # balance losses of the last training forward

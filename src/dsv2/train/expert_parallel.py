@@ -244,7 +244,7 @@ def init_weights(model: nn.Module, std: float | None = None) -> None:
                 yield m
                 continue
             with torch.device(device):
-                full = RoutedExperts(ep.size * ep.per_rank, m.w13.shape[2], m.inter)
+                full = RoutedExperts(ep.size * ep.per_rank, m.w13.shape[2], m.inter, m.act)
             yield full
             m.w13.copy_(full.w13[local.start:local.stop])
             m.w2.copy_(full.w2[local.start:local.stop])
