@@ -57,6 +57,18 @@ def test_quantize_writes_a_deepseek_fp8_checkpoint(tiny_checkpoint, tmp_path, ca
     assert re.search(r"\[\d+ tokens", capsys.readouterr().err)  # runs end to end on FP8 weights, int8 cache
 
 
+def test_a_pool_smaller_than_the_context_sets_the_context(tiny_checkpoint, capsys):
+    """A KV pool that holds fewer tokens than the model's context (512): the served context becomes what the pool
+    holds (else every request asking for the rest of the context would be refused), and an explicit
+    --max-model-len above it is an error that says what to change."""
+    base = ["generate", "--model", str(tiny_checkpoint), "--prompt", "x = ", "--kv-cache-memory", "120KB"]
+    assert main(base + ["--max-model-len", "512"]) == 2
+    assert "more than the KV cache pool holds" in capsys.readouterr().err
+    assert main(base + ["--max-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"the context is \d+ tokens", err) and "3 tokens" in err
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "checkpoint directory not found"),
     (["quantize", "--model", "/nonexistent", "--out", "/tmp/x"], "not found"),

@@ -120,6 +120,23 @@ def test_completion_stream(server):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
 
 
+def test_text_offsets_count_characters_and_run_on_across_chunks(server):
+    """logprobs' `text_offset`: each token's character offset in the returned text, a character split over
+    byte-level tokens counted once (not once per token); streamed, the offsets run on from chunk to chunk."""
+    prompt = "héllo 世界 ok done"
+    ids = server.tokenizer.encode(prompt)
+    r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert r.choices[0].text == prompt and len(r.choices[0].logprobs.tokens) == len(ids)
+    want = [len(server.tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+    assert len(ids) > len(prompt) - 3  # characters split over tokens, so counting token strings would drift
+    assert r.choices[0].logprobs.text_offset == want
+    kw = dict(model=MODEL, prompt="import os\n", max_tokens=10, temperature=0, logprobs=0)
+    whole = server.client.completions.create(**kw).choices[0].logprobs.text_offset
+    chunks = server.client.completions.create(stream=True, **kw)
+    streamed = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert streamed == whole and len(whole) == 10 and whole[1] > 0
+
+
 def test_chat_stream_equals_non_stream(server):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
     r = server.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0)
@@ -152,16 +169,33 @@ def test_chat_logprobs_and_seeded_sampling(server):
     assert a == b
 
 
+def test_chat_without_max_tokens_on_a_pool_smaller_than_the_context(tiny_checkpoint):
+    """Chat's default max_tokens is the rest of the context; with a KV pool smaller than the model's context the
+    server's context is the pool's, so such a request is served (not refused as one that can never fit)."""
+    s = Server(tiny_checkpoint, kv_cache_memory="120KB")
+    try:
+        capacity = s.engine.pool.num_blocks * s.engine.pool.block_size
+        assert capacity < 512 and s.engine.max_model_len == capacity
+        assert s.client.models.list().data[0].model_extra["max_model_len"] == capacity
+        r = s.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+    finally:
+        s.stop()
+
+
 def test_stop_string(server):
     kw = dict(model=MODEL, prompt="class Foo:", max_tokens=24, temperature=0)
     full = server.client.completions.create(**kw).choices[0].text
     stop = full[5:8]
     assert stop.strip(), full
+    aborted = server.health()["aborted"]
     r = server.client.completions.create(stop=[stop], **kw)
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
     chunks = list(server.client.completions.create(stop=stop, stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == full[: full.index(stop)]
-    assert server.wait_idle()["free_blocks"] == server.health()["total_blocks"]
+    h = server.wait_idle()
+    assert h["free_blocks"] == h["total_blocks"]  # ended early in the engine too
+    assert h["aborted"] == aborted  # finished, not cancelled
 
 
 BAD = [

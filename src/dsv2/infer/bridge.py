@@ -75,7 +75,7 @@ class Choice:
             if out.finished or self.text.stopped:
                 ev.finished, ev.finish_reason = True, "stop" if self.text.stopped else out.finish_reason
                 if self.text.stopped and not out.finished:
-                    self._bridge.loop.abort(self.rid)  # a stop string ended it: free its blocks now
+                    self._bridge.loop.abort(self.rid, "stop")  # a stop string ended it: free its blocks now
                 ev.text += self.text.finish()
         self._done_in_engine = ev.finished
         self._aloop.call_soon_threadsafe(self.queue.put_nowait, ev)

@@ -126,6 +126,16 @@ def load_engine(args, max_waiting: int = 256):
                     kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, max_waiting=max_waiting,
                     eos_token_id=tokenizer.eos_id, compile=args.compile, admission=args.admission)
+    capacity = engine.pool.num_blocks * engine.pool.block_size
+    if engine.max_model_len > capacity:  # no request could use the whole context (chat's default max_tokens does)
+        if args.max_model_len:
+            raise ValueError(f"--max-model-len {args.max_model_len} is more than the KV cache pool holds ({capacity} "
+                             f"tokens with --kv-cache-memory {args.kv_cache_memory}); raise --kv-cache-memory or "
+                             "lower --max-model-len")
+        print(f"dsv2: the KV cache pool holds {capacity} tokens, less than the model's context of "
+              f"{engine.max_model_len}: the context is {capacity} tokens (raise --kv-cache-memory for more)",
+              file=sys.stderr)
+        engine.max_model_len = capacity
     return engine, tokenizer, ChatTemplate.from_dir(tok_dir, tokenizer)
 
 

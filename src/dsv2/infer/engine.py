@@ -245,8 +245,10 @@ class Engine:
             raise ValueError(f"prompt + max_tokens = {total} tokens can never fit the KV cache pool of "
                              f"{capacity} tokens; raise --kv-cache-memory")
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request and free its blocks; False if it is unknown or already finished."""
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        """Cancel a request and free its blocks; False if it is unknown or already finished. reason: its
+        finish_reason; only "abort" counts in stats()["aborted"] (a caller that ended it on a stop string of its
+        own passes "stop")."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
@@ -255,8 +257,8 @@ class Engine:
         else:
             self.waiting.remove(req)
         self._release(req)
-        req.finish_reason = "abort"
-        self.num_aborted += 1
+        req.finish_reason = reason
+        self.num_aborted += reason == "abort"
         return True
 
     def has_work(self) -> bool:
@@ -572,10 +574,10 @@ class EngineLoop:
         self._wake.set()
         return rid
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "abort") -> None:
         with self._lock:
             if self._callbacks.pop(request_id, None) is not None:
-                self._aborts.append(request_id)
+                self._aborts.append((request_id, reason))
         self._wake.set()
 
     def stats(self) -> dict:
@@ -594,8 +596,8 @@ class EngineLoop:
             except (ValueError, QueueFull):
                 log.exception("request %s refused", rid)
                 self._deliver([(self._callbacks.pop(rid, None), RequestOutput(rid, [], True, "error"))])
-        for rid in aborts:
-            self.engine.abort(rid)
+        for rid, reason in aborts:
+            self.engine.abort(rid, reason)
 
     def _deliver(self, pairs) -> None:
         for cb, o in pairs:

@@ -36,7 +36,7 @@ from dsv2.infer.api import (APIError, ChatRequest, CompletionRequest, Limits, pa
                             prepare_completion)
 from dsv2.infer.bridge import Bridge, Choice
 from dsv2.infer.engine import EngineLoop
-from dsv2.infer.text import ChatTemplate, token_bytes
+from dsv2.infer.text import ChatTemplate, TextOffsets, special_ids, token_bytes
 from dsv2.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
     limits = Limits(names, max_model_len, eng.model.config.vocab_size, max_choices=max(eng.max_waiting, 1),
                     eos_id=tokenizer.eos_id, max_stop_chars=max_stop_chars)
     created = int(time.time())
+    specials = special_ids(tokenizer)
     app.add_middleware(_CountRequests, metrics=bridge.metrics)
 
     def error(e: APIError) -> JSONResponse:
@@ -201,37 +202,34 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
         def token_str(t: int) -> str:
             return tokenizer.decode([t], skip_special_tokens=False)
 
-        def logprobs_obj(c: Choice, lps, prompt_lps, offset: int) -> dict | None:
-            """OpenAI's legacy shape; with echo, the prompt's tokens first (the first with a null log-prob)."""
+        def logprobs_obj(c: Choice, lps, prompt_lps, offsets: TextOffsets) -> dict | None:
+            """OpenAI's legacy shape; with echo, the prompt's tokens first (the first with a null log-prob).
+            `offsets` counts on from the choice's previous chunk (streaming)."""
             if k is None:
                 return None
-            toks, token_lps, tops = [], [], []
+            ids, token_lps, tops = [], [], []
             if prompt_lps is not None:
-                toks = [token_str(t) for t in c.prompt]
+                ids = list(c.prompt)
                 token_lps = [None] + [lp for lp, _ in prompt_lps]
                 tops = [None] + [{token_str(i): v for i, v in top} for _, top in prompt_lps]
-            toks += [token_str(t) for t, _, _ in lps]
+            ids += [t for t, _, _ in lps]
             token_lps += [lp for _, lp, _ in lps]
             tops += [{token_str(i): v for i, v in top} for _, _, top in lps]
-            offsets, o = [], offset
-            for s in toks:
-                offsets.append(o)
-                o += len(s)
-            return {"tokens": toks, "token_logprobs": token_lps, "text_offset": offsets,
+            return {"tokens": [token_str(t) for t in ids], "token_logprobs": token_lps, "text_offset": offsets(ids),
                     "top_logprobs": tops if k else None}
 
         def echo(c: Choice) -> str:
             return prepared.echo_text[c.index // prepared.n] if prepared.echo_text else ""
 
         if body.stream:
-            echoed: set[int] = set()
+            offsets: dict[int, TextOffsets] = {}  # per choice, counting on from chunk to chunk
 
             def chunk(c, ev):
                 if ev is None:
                     return None
-                first = c.index not in echoed  # the echo (text and prompt log-probs) leads a choice's first chunk
-                echoed.add(c.index)
-                lp = logprobs_obj(c, ev.logprobs, ev.prompt_logprobs if first else None, 0)
+                first = c.index not in offsets  # the echo (text and prompt log-probs) leads a choice's first chunk
+                at = offsets.setdefault(c.index, TextOffsets(tokenizer, specials))
+                lp = logprobs_obj(c, ev.logprobs, ev.prompt_logprobs if first else None, at)
                 return {"id": rid, "object": "text_completion", "created": now, "model": names[0],
                         "choices": [{"index": c.index, "text": (echo(c) if first else "") + ev.text, "logprobs": lp,
                                      "finish_reason": c.finish_reason if c.finished else None}]}
@@ -247,7 +245,8 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate,
             lps = [x for ev in evs for x in ev.logprobs]
             prompt_lps = next((ev.prompt_logprobs for ev in evs if ev.prompt_logprobs is not None), None)
             return {"index": c.index, "text": echo(c) + "".join(ev.text for ev in evs),
-                    "logprobs": logprobs_obj(c, lps, prompt_lps, 0), "finish_reason": c.finish_reason}
+                    "logprobs": logprobs_obj(c, lps, prompt_lps, TextOffsets(tokenizer, specials)),
+                    "finish_reason": c.finish_reason}
 
         out = await bridge.run(lambda: [result(c) for c in choices])  # formatting a long echo is not free
         return {"id": rid, "object": "text_completion", "created": now, "model": names[0], "choices": out,

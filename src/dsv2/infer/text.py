@@ -8,6 +8,7 @@ checkpoint's tokenizer_config.json (DeepSeek-V2's when it has none) to the token
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,30 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     if all(ch in _BYTES for ch in piece):
         return bytes(_BYTES[ch] for ch in piece)
     return piece.encode("utf-8")
+
+
+def special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """Ids of the special tokens (decoded text leaves them out)."""
+    return frozenset(i for i, t in tokenizer.tok.get_added_tokens_decoder().items() if t.special)
+
+
+class TextOffsets:
+    """Each token's character offset in the text its tokens decode to (OpenAI's `text_offset`), counting on from
+    call to call: the tokens' bytes go through an incremental UTF-8 decoder, so a character split over several
+    tokens counts once, at the token that completes it; special tokens (`specials`, left out of the text) count
+    nothing."""
+
+    def __init__(self, tokenizer: Tokenizer, specials: frozenset[int]):
+        self.tokenizer, self.specials = tokenizer, specials
+        self.pos, self._utf8 = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        out = []
+        for t in ids:
+            out.append(self.pos)
+            if t not in self.specials:
+                self.pos += len(self._utf8.decode(token_bytes(self.tokenizer, t)))
+        return out
 
 
 class ChatTemplate:
