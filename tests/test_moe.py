@@ -280,10 +280,12 @@ def test_compiled_expert_path_is_grouped_in_bf16_and_gathered_otherwise(monkeypa
     assert experts._choose(torch.randn(16, 32), counts)[0] == "gathered"
 
 
-def test_a_single_token_at_inference_skips_dispatch_on_both_paths(monkeypatch):
-    """A single token at inference (decode at batch 1) runs its K experts without dispatch, sort or combine: one
+def test_small_batches_at_inference_skip_dispatch_on_both_paths(monkeypatch):
+    """At inference a single token (decode at batch 1) runs its K experts without dispatch, sort or combine: one
     matmul each (eager CPU, "loop") or through their gathered weights ("gathered", and "auto" while compiling in
-    fp32: a compiled CPU step), equal to the dispatched path; two tokens and training still dispatch."""
+    fp32: a compiled CPU step), equal to the dispatched path. On the gathered path so do N tokens while N * K <= E
+    (here 4 tokens x top-4 of 16 experts), not 5 (sorted by expert; no load recorded at inference); two tokens on the
+    eager loop path and training still dispatch."""
     moe = _moe().eval()
     x = torch.randn(1, 1, 32)
     dispatched = []
@@ -295,20 +297,48 @@ def test_a_single_token_at_inference_skips_dispatch_on_both_paths(monkeypatch):
     with torch.no_grad():
         moe.experts.impl = "grouped"
         ref = moe(x)
-        assert dispatched
+        four, five = torch.randn(1, 4, 32), torch.randn(1, 5, 32)
+        ref4, ref5 = moe(four), moe(five)
+        assert len(dispatched) == 3
         dispatched.clear()
         for impl in ("loop", "gathered"):
             moe.experts.impl = impl
             assert (moe(x) - ref).abs().max() < 1e-5 and moe.load is None
-        assert len(pairs) == 1
+        assert len(pairs) == 1 and not dispatched
         moe.experts.impl = "auto"
+        moe(torch.randn(1, 2, 32))  # eager CPU: more than one token dispatches
+        assert dispatched and len(pairs) == 1
+        dispatched.clear()
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert (moe(x) - ref).abs().max() < 1e-5
-        assert len(pairs) == 2 and not dispatched
-        two = torch.randn(1, 2, 32)
-        moe(two)
-        assert dispatched and len(pairs) == 2
+        assert (moe(four) - ref4).abs().max() < 1e-5 and moe.load is None
+        assert len(pairs) == 3 and not dispatched
+        assert (moe(five) - ref5).abs().max() < 1e-5
+        assert dispatched and len(pairs) == 3 and moe.load is None
         dispatched.clear()
         moe.train()
         assert (moe(x) - ref).abs().max() < 1e-5
         assert dispatched and moe.load.sum() == 4
+
+
+def test_a_compiled_batch_takes_its_expert_path_at_run_time():
+    """Under torch.compile a decode batch's size is symbolic (one graph for every batch size): the graph holds a
+    torch.cond that runs forward_pairs up to max_pairs_tokens() tokens and the sorted path above, equal to eager
+    on both sides. A Python comparison there would guard the graph and split it in two."""
+    moe = _moe().eval()
+    assert moe.max_pairs_tokens() == 4
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(moe, backend=backend)
+    with torch.no_grad():
+        for n in (2, 4, 5, 9, 3):
+            x = torch.randn(n, 1, 32)
+            torch._dynamo.mark_dynamic(x, 0)
+            assert (step(x) - moe(x)).abs().max() < 1e-5
+    assert len(graphs) == 1
+    conds = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 1

@@ -102,15 +102,16 @@ class RoutedExperts(nn.Module):
     shared buffers: the small-batch path of decode), "gathered" (each row's expert weights gathered, then one
     batched matmul: static shapes, what torch.compile traces), or "auto": while compiling, grouped where its bf16
     kernel traces (training on CUDA) and gathered otherwise; else grouped for training and on CUDA, the loop where
-    grouped_mm cannot run or, on CPU, when few experts have rows. Tests check the paths agree. A single token at
-    inference skips dispatch: `forward_token` (eager, one matmul per expert) or `forward_pairs` (gathered).
+    grouped_mm cannot run or, on CPU, when few experts have rows. Tests check the paths agree. Inference skips
+    dispatch for a single token (`forward_token`, eager: one matmul per expert) and, on the gathered path, for
+    batches of at most one row per expert on average (`forward_pairs`).
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
         self.inter = inter
-        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))  # [E, 2I, H]: gate_proj ; up_proj
         self.act, self.act_fn = act, ACTIVATIONS[act]
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))  # [E, 2I, H]: gate_proj ; up_proj
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))  # [E, H, I]: down_proj
         self.impl = "auto"
         self._views: tuple | None = None  # per-expert transposed views for the loop, see _transposed
@@ -179,9 +180,9 @@ class RoutedExperts(nn.Module):
 
     def forward_pairs(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """y [N, H] = sum_k topk_w[:, k] * expert_{topk_idx[:, k]}(x) for tokens x [N, H], one slot k at a time with
-        each token's expert weights gathered: no sort, dispatch or combine, static shapes (the gathered path for a
-        single token, i.e. a compiled batch-1 decode step; sorting pays off from two tokens on, where rows of the
-        same expert then read the same weights one after another)."""
+        each token's expert weights gathered: no sort, dispatch or combine, static shapes. The gathered path while
+        N * K <= E (a compiled decode step at small batch): sorting pays off only once rows of one expert repeat,
+        which then read the same weights one after another."""
         y = self._gathered(x, topk_idx[:, 0], topk_w[:, 0])
         for k in range(1, topk_idx.shape[1]):  # rows = x itself: no index arithmetic in the compiled kernel
             y = y + self._gathered(x, topk_idx[:, k], topk_w[:, k])
@@ -334,10 +335,11 @@ class LocalDispatcher:
 class MoE(nn.Module):
     """DeepSeekMoE: route (the gate) -> dispatch -> routed experts -> combine, plus the shared experts.
 
-    A single token at inference with the local dispatcher (decode at batch 1) skips dispatch and combine: its K
-    experts run one after another (`RoutedExperts.forward_token`, on CPU with `experts.impl` "auto" or "loop",
-    eager), or through their gathered weights where the experts gather (`forward_pairs`: a compiled CPU step, or
-    `impl` "gathered").
+    At inference with the local dispatcher, small batches skip dispatch and combine: a single token's K experts run
+    one after another (`RoutedExperts.forward_token`, on CPU with `experts.impl` "auto" or "loop", eager), and
+    where the experts gather (a compiled CPU step, or `impl` "gathered") N tokens with N * K <= E go through
+    their gathered weights slot by slot (`forward_pairs`: no expert has more than one row on average, so sorting
+    them together gains no weight reuse).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -354,14 +356,19 @@ class MoE(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}  # balance losses of the last training forward
         self.load: torch.Tensor | None = None  # tokens per expert in the last forward (detached) [E]
 
-    def _single_token_path(self, x: torch.Tensor) -> str | None:
-        """The path by which a single token x [1, H] skips dispatch ("gathered" or "loop"), else None."""
-        if x.shape[0] != 1 or self.training or type(self.dispatcher) is not LocalDispatcher:
+    def max_pairs_tokens(self) -> int:
+        """The most tokens that go through `forward_pairs` on the gathered path at inference (N * K <= E)."""
+        return self.n_experts // self.cfg.num_experts_per_tok
+
+    def _undispatched_path(self, x: torch.Tensor) -> str | None:
+        """The path by which tokens x [N, H] may skip dispatch ("gathered": `_gathered_routed` decides, or "loop"),
+        else None."""
+        if self.training or type(self.dispatcher) is not LocalDispatcher:
             return None
         if self.experts.gathers(x):
             return "gathered"
         eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        return "loop" if eager_cpu and self.experts.impl in ("auto", "loop") else None
+        return "loop" if x.shape[0] == 1 and eager_cpu and self.experts.impl in ("auto", "loop") else None
 
     def forward(self, x: torch.Tensor, drop_exempt: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, H]. drop_exempt [B]: sequences token dropping leaves whole (the model draws them once per
@@ -377,9 +384,9 @@ class MoE(nn.Module):
             if self.cfg.token_drop:
                 drop = getattr(self.dispatcher, "token_drop", device_token_drop)
                 keep = drop(scores.gather(1, topk_idx), topk_idx, B, self.cfg, drop_exempt)
-        single = self._single_token_path(xf)
-        if single is not None:
-            y = (self.experts.forward_pairs(xf, topk_idx, topk_w) if single == "gathered"
+        undispatched = self._undispatched_path(xf)
+        if undispatched is not None:
+            y = (self._gathered_routed(xf, topk_idx, topk_w) if undispatched == "gathered"
                  else self.experts.forward_token(xf, topk_idx[0], topk_w[0])).view(B, T, H)
             self.load = None
         else:
@@ -389,3 +396,18 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+    def _gathered_routed(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for tokens x [N, H] at inference on the gathered path: slot by slot without
+        dispatch while N <= max_pairs_tokens(), else sorted by expert. A compiled decode step's batch size is
+        symbolic (one graph serves every batch above 1): on CPU torch.cond takes the branch at run time, where a
+        Python comparison would guard the graph on it and split it in two (a second graph family to compile). On
+        CUDA the compiled step records a CUDA graph per batch size anyway, and graphs holding a cond may not be."""
+        small = x.shape[0] <= self.max_pairs_tokens()
+        if torch.compiler.is_compiling() and x.device.type == "cpu":
+            return torch.cond(small, self.experts.forward_pairs, self._sorted_routed, (x, topk_idx, topk_w))
+        return (self.experts.forward_pairs if small else self._sorted_routed)(x, topk_idx, topk_w)
+
+    def _sorted_routed(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        rows, counts, row_w, state = self.dispatcher.dispatch(x, topk_idx, topk_w, self.n_experts)
+        return self.dispatcher.combine(self.experts(rows, counts, row_w), state)
