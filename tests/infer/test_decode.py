@@ -304,3 +304,17 @@ def test_compile_options_and_when_it_compiles_again(monkeypatch):
         assert len(calls) == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_generate_takes_any_token_id_rows_and_refuses_bad_ids():
+    """dsv2.generate takes tuples or a [B, T] tensor as well as lists; ids outside the vocabulary and non-integer
+    prompts are a ValueError that says so (not an IndexError from deep inside the embedding)."""
+    model = tiny_model()
+    want = generate(model, [[5, 9, 300], [7, 8, 9]], 4)
+    assert generate(model, [(5, 9, 300), (7, 8, 9)], 4) == want
+    assert generate(model, torch.tensor([[5, 9, 300], [7, 8, 9]]), 4) == want
+    for bad in ([[5, 512]], [[-1, 5]]):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+            generate(model, bad, 2)
+    with pytest.raises(ValueError, match="list of token-id lists"):
+        generate(model, ["hello"], 2)

@@ -22,8 +22,15 @@ def generate(model: DeepseekV2, prompts: list[list[int]], max_new_tokens: int, t
     compile: run the decode steps through torch.compile (made once per model and shared with the Engine; worth it
     for long-running use: the first call compiles for a minute or more on CPU, then each step skips the per-op
     overhead that bounds eager batch-1 decode)."""
+    try:  # lists of ints, or anything iterable as such (tuples, a [B, T] tensor, numpy rows)
+        prompts = [[int(t) for t in p] for p in prompts]
+    except (TypeError, ValueError):
+        raise ValueError("prompts must be a list of token-id lists") from None
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     if max_new_tokens == 0:
