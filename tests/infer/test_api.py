@@ -52,6 +52,10 @@ def test_numeric_fields_are_range_checked_on_arrival(tok, field, value):
     assert e.body()["error"]["type"] == "invalid_request_error"
 
 
+def test_too_many_stop_strings_say_so(tok):
+    assert "at most 4 stop strings are allowed, got 5" in _err(_completion, tok, stop=list("abcde")).message
+
+
 def test_values_at_the_edges_are_accepted(tok):
     p = _completion(tok, top_k=2**31 - 1, seed=2**64 - 1, temperature=2, top_p=1e-9, n=2, logprobs=20,
                     stop=["abcdefghij"], stop_token_ids=[511]).params

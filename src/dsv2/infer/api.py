@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dsv2.infer.engine import MAX_LOGPROBS, SamplingParams
 
@@ -94,6 +94,13 @@ class SamplingFields(_Strict):
     max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2, description="only 0 is implemented")] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2, description="only 0 is implemented")] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_count(cls, v):  # before the union: its own error would only say "Input should be a valid string"
+        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(v)}")
+        return v
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
