@@ -192,6 +192,13 @@ class Tokenizer:
         return self.vocab_size
 
     @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether this tokenizer's own post-processing puts bos first (what transformers' `tokenizer(text)` and
+        vLLM's completions do with it): True for the tokenizers dsv2 trains and for DeepSeek's."""
+        ids = self.tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and self.bos_id is not None and ids[0] == self.bos_id
+
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Short hash of the full tokenizer definition, to tell whether token files were made with it."""
         return hashlib.sha256(self.tok.to_str().encode("utf-8")).hexdigest()[:16]

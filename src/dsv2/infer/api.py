@@ -289,10 +289,14 @@ def prepare_completion(body: CompletionRequest, tokenizer, limits: Limits) -> Pr
         raise APIError(400, "'best_of' is not implemented (only best_of = n)", "best_of", "unsupported_parameter")
     if body.suffix not in (None, ""):
         raise APIError(400, "'suffix' is not implemented by this server", "suffix", "unsupported_parameter")
-    p = body.prompt
+    p, texts = body.prompt, None
     if isinstance(p, str) or (p and all(isinstance(x, str) for x in p)):
-        # encode_batch releases the GIL (encode does not): a long prompt does not hold up the event loop
-        prompts = tokenizer.encode_batch([p] if isinstance(p, str) else list(p))
+        texts = [p] if isinstance(p, str) else list(p)
+        if not all(texts):
+            raise APIError(400, "the prompt is empty", "prompt")
+        # encode_batch releases the GIL (encode does not): a long prompt does not hold up the event loop. bos first
+        # where the tokenizer puts it (as `dsv2 generate`, transformers and vLLM do); token-id prompts stay as sent
+        prompts = tokenizer.encode_batch(texts, add_bos=tokenizer.adds_bos)
     elif p and all(isinstance(x, int) for x in p):
         prompts = [list(p)]
     else:
@@ -307,7 +311,7 @@ def prepare_completion(body: CompletionRequest, tokenizer, limits: Limits) -> Pr
     params = to_sampling_params(body, limits, max(map(len, prompts)), max_tokens=body.max_tokens,
                                 default_max_tokens=16, logprobs=body.logprobs,
                                 prompt_logprobs=body.logprobs if echo else None)
-    echo_text = [tokenizer.decode(x, skip_special_tokens=False) for x in prompts] if echo else []
+    echo_text = (texts or [tokenizer.decode(x, skip_special_tokens=False) for x in prompts]) if echo else []
     return Prepared(prompts, _choices(prompts, params, n, limits, "prompt"), body.stops(), n, echo_text)
 
 
