@@ -44,6 +44,13 @@ def test_v2_kv_cache_table_matches_paper():
     assert rows["MQA"]["elements_per_token_per_layer"] == 256
 
 
+def test_gqa_row_never_has_more_groups_than_heads():
+    rows = {r["mechanism"]: r for r in kv_cache_table(ModelConfig.from_preset("small"))}  # 4 heads
+    assert "GQA (4 groups)" in rows and "GQA (8 groups)" not in rows
+    assert rows["GQA (4 groups)"]["elements_per_token_per_layer"] == rows["MHA"]["elements_per_token_per_layer"]
+    assert "GQA (8 groups)" in {r["mechanism"] for r in kv_cache_table(ModelConfig.from_preset("v2"))}
+
+
 def test_info_cli_table_and_json(capsys):
     assert main(["info", "--preset", "v2-lite"]) == 0
     out = capsys.readouterr().out

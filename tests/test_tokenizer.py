@@ -199,6 +199,26 @@ def test_load_dir_or_file(tok, saved):
         assert loaded.fingerprint == tok.fingerprint
 
 
+def test_load_and_train_refuse_what_they_must_not_touch(saved, tmp_path, capsys):
+    """A malformed tokenizer.json is a ValueError naming the file; `dsv2 tokenizer train` never writes over an
+    existing tokenizer (a checkpoint's ids would stop matching) nor into a file, and says so before training."""
+    from dsv2.cli import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ValueError, match="tokenizer.json: not a valid tokenizer file"):
+        Tokenizer.load(bad)
+    before = (saved / "tokenizer.json").read_bytes()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world " * 50, encoding="utf-8")
+    assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(saved)]) == 2
+    assert "already holds a tokenizer.json" in capsys.readouterr().err
+    assert (saved / "tokenizer.json").read_bytes() == before
+    assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(corpus)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_load_reads_names_from_config(tok, tmp_path):
     # DeepSeek-V2's tokenizer_config.json stores tokens as AddedToken dicts and sets pad to eos.
     tok.tok.save(str(tmp_path / "tokenizer.json"))
@@ -249,7 +269,8 @@ def test_cli_train(tmp_path, capsys):
     assert f"{n} files" in line and f"{n} documents" in line and "vocab 300" in line
     assert Tokenizer.load(out).vocab_size == 300
 
-    args = _cli(["tokenizer", "train", "--data", str(tmp_path / "nope"), "--vocab-size", "300", "--out", str(out)])
+    args = _cli(["tokenizer", "train", "--data", str(tmp_path / "nope"), "--vocab-size", "300", "--out",
+                 str(tmp_path / "tok2")])
     with pytest.raises(FileNotFoundError):
         args.func(args)
     with pytest.raises(SystemExit):

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:  # user mistakes: a path missing, in the way, or of the wrong kind
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

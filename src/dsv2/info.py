@@ -25,6 +25,7 @@ def kv_cache_table(cfg: ModelConfig, gqa_groups: int = 8) -> list[dict]:
     per-head dim (d_h = qk_nope_head_dim, as the paper's comparison does); for a model whose attention_type is not
     MLA, a last row with what it caches (keys [nope ; rope] and values of its KV heads)."""
     L, h, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.qk_nope_head_dim
+    gqa_groups = min(gqa_groups, h)  # never more KV groups than heads (a 4-head model's GQA-8 is its MHA)
     rows = [
         ("MHA", 2 * h * d),
         (f"GQA ({gqa_groups} groups)", 2 * gqa_groups * d),

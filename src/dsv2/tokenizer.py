@@ -145,9 +145,16 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer file at {file}")
         config_file = file.parent / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        except ValueError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception for a malformed file
+            raise ValueError(f"{file}: not a valid tokenizer file ({e})") from None
         return cls(
-            tokenizers.Tokenizer.from_file(str(file)),
+            tok,
             bos_token=_token_name(config.get("bos_token"), BOS_TOKEN),
             eos_token=_token_name(config.get("eos_token"), EOS_TOKEN),
             pad_token=_token_name(config.get("pad_token"), PAD_TOKEN),
@@ -345,6 +352,12 @@ def add_tokenizer_command(subparsers) -> None:
 def _train_command(args: argparse.Namespace) -> int:
     from dsv2.data import iter_corpus_texts  # data imports nothing from here; keep the CLI import lazy
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if (out / "tokenizer.json").exists():  # a checkpoint's or another run's: its ids would no longer match
+        raise ValueError(f"{out} already holds a tokenizer.json: a new tokenizer never replaces one; choose another "
+                         "--out or remove it first")
     stats: dict = {}
     start = time.perf_counter()
     texts = iter_corpus_texts(args.data, max_bytes=args.max_bytes, text_field=args.text_field, stats=stats)

@@ -16,3 +16,19 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"cannot parse size {size!r} (examples: 5GB, 500MB, 1000000)")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def int_in(lo: int, hi: int | None = None):
+    """An argparse `type`: an int in [lo, hi] (hi None: no bound), else argparse's own usage error (exit 2)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is not in {lo}..{'' if hi is None else hi}")
+        return v
+
+    return parse

@@ -69,6 +69,34 @@ def test_a_pool_smaller_than_the_context_sets_the_context(tiny_checkpoint, capsy
     assert re.search(r"the context is \d+ tokens", err) and "3 tokens" in err
 
 
+def test_quantize_never_replaces_what_is_at_out(tiny_checkpoint, tmp_path, capsys):
+    """--out holding a run (or anything) or being a file is refused before anything is written (it used to be
+    moved aside and deleted)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    for out in (run, afile):
+        assert main(["quantize", "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
+        assert "exists and is not empty" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == "{}\n" and (run / "checkpoints").is_dir()
+    assert afile.read_text() == "hi"
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--block-size", "0"], "argument --block-size: 0 is not in 1.."),  # argparse's usage error
+    (["--threads", "-2"], "argument --threads: -2 is not in 1.."),
+    (["--device", "bogus"], "is not a device"),
+])
+def test_bad_engine_flags_exit_2(tiny_checkpoint, flags, msg, capsys):
+    try:
+        code = main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", *flags])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and msg in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "checkpoint directory not found"),
     (["quantize", "--model", "/nonexistent", "--out", "/tmp/x"], "not found"),

@@ -149,10 +149,15 @@ def test_resume_with_changed_model_settings_is_an_error(recipe, tmp_path, capsys
         pretrain(changed, tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match=r"changed model settings \(preset: 'tiny' -> 'small'\)"):
         pretrain(dataclasses.replace(r, preset="small"), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"changed model settings \(tokenizer: .* -> '/elsewhere'\)"):
+        pretrain(dataclasses.replace(r, tokenizer="/elsewhere"), tmp_path, resume=True, progress=False)
     # the CLI: exit 2 with the fields named; recipe-only changes (max_steps) still resume, with a note
     capsys.readouterr()
     assert main(["pretrain", "--out", str(tmp_path), "--resume", "--preset", "small", "--no-progress"]) == 2
     assert "changed model settings (preset: 'tiny' -> 'small')" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(tmp_path / "typo"), "--resume", "--no-progress"]) == 2
+    assert "does not exist, so there is no run to continue" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
     assert main(["pretrain", "--out", str(tmp_path), "--resume", "--max-steps", "3", "--no-progress"]) == 0
     assert "resuming with recipe changes: max_steps=3" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path).name == "step-00000003"

@@ -88,6 +88,10 @@ def test_cli_writes_the_four_files(tmp_path, capsys):
     assert set(rows["pairs.jsonl"][0]) == {"prompt", "chosen", "rejected"}
     assert main(["tasks", "arithmetic", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert "error: steps" in capsys.readouterr().err
+    afile = tmp_path / "afile"  # a path in the way is a user mistake: one error line, exit 2, no traceback
+    afile.write_text("x")
+    assert main(["tasks", "arithmetic", "--out", str(afile)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_terse_fraction_drops_the_working_from_that_share_of_sft_solutions(tmp_path, capsys):

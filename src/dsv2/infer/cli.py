@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dsv2.utils import parse_size
+from dsv2.utils import int_in, parse_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -42,7 +42,7 @@ def add_commands(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/...)")
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int_in(0, 65535), default=8000)
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="model id(s) the API accepts; the first is the one responses carry (default: the "
                             "checkpoint's _name_or_path in config.json, else 'dsv2')")
@@ -71,7 +71,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default="1GB", help="memory for the paged latent KV cache, e.g. 512MB")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8", "int8"],
                    help="storage of the latent cache (fp8/int8: 8 bits + one float32 scale per vector)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    p.add_argument("--block-size", type=int_in(1), default=16, help="tokens per cache block")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--admission", default="optimistic", choices=["optimistic", "reserve"],
@@ -79,7 +79,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "prompt + max_tokens fit (never preempts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU); "
                    "`serve` compiles every shape of it before it starts listening")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int_in(1), default=None, help="torch CPU threads")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -112,6 +112,12 @@ def load_engine(args, max_waiting: int = 256):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = auto_dtype(device)
@@ -284,6 +290,9 @@ def _quantize(args) -> int:
     src, out = Path(args.model), Path(args.out)
     if src.resolve() == out.resolve():
         raise ValueError("--out must differ from --model")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty: quantize never replaces it; choose another --out or "
+                         "remove it first")
 
     def copy_tokenizer(tmp: Path) -> None:
         for name in TOKENIZER_FILES:

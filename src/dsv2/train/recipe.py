@@ -31,8 +31,9 @@ from pathlib import Path
 from dsv2.data import COPY_ALPHABET, COPY_REPEATS, COPY_SOURCES, COPY_VOCAB
 from dsv2.train.optim import SCHEDULES
 
-# what makes the model; a resumed run must not change these (the optimizer state and weights belong to it)
-MODEL_FIELDS = ("preset", "init_from", "model")
+# what makes the model; a resumed run must not change these (the optimizer state and weights belong to it, and
+# its checkpoints carry their tokenizer)
+MODEL_FIELDS = ("preset", "init_from", "model", "tokenizer")
 
 
 def _need(cond: bool, msg: str) -> None:

@@ -526,6 +526,9 @@ def run_command(args: argparse.Namespace, recipe_cls: type, train_fn) -> int:
     print the summary; exit code 0, 1 (TrainingError), 130 (SIGINT) or 143 (SIGTERM)."""
     names = {f.name for f in dataclasses.fields(recipe_cls)}
     flags = {k: v for k, v in vars(args).items() if k in names}
+    if args.resume and not Path(args.out).exists():  # a mistyped --out would otherwise start a whole default run
+        raise ValueError(f"--resume: {args.out} does not exist, so there is no run to continue; check --out, or drop "
+                         "--resume to start a new run there")
     recipe = resolve_recipe(recipe_cls, args.out, args.resume, args.config, flags)
     try:
         s = train_fn(recipe, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
