@@ -161,6 +161,10 @@ def test_resume_with_changed_model_settings_is_an_error(recipe, tmp_path, capsys
     assert main(["pretrain", "--out", str(tmp_path), "--resume", "--max-steps", "3", "--no-progress"]) == 0
     assert "resuming with recipe changes: max_steps=3" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path).name == "step-00000003"
+    state = latest_checkpoint(tmp_path) / "trainer_state.safetensors"  # damaged: one error line naming it
+    state.write_bytes(state.read_bytes()[:50])
+    assert main(["pretrain", "--out", str(tmp_path), "--resume", "--max-steps", "4", "--no-progress"]) == 2
+    assert "trainer_state.safetensors: damaged trainer state" in capsys.readouterr().err
 
 
 def test_no_pickle_in_the_package():

@@ -52,7 +52,11 @@ def write_trainer_state(path: Path, state: dict, optimizer: dict, rng: list[tupl
 
 def read_trainer_state(ckpt: str | Path) -> dict:
     """trainer_state.json as a dict."""
-    return json.loads((Path(ckpt) / STATE_JSON).read_text())
+    file = Path(ckpt) / STATE_JSON
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # truncated or not JSON (FileNotFoundError passes: the caller's message names it)
+        raise ValueError(f"{file}: damaged trainer state ({e}); resume from an earlier checkpoint") from None
 
 
 def read_trainer_tensors(ckpt: str | Path) -> tuple[dict, list[torch.Tensor], list[torch.Tensor], dict]:
@@ -60,7 +64,13 @@ def read_trainer_tensors(ckpt: str | Path) -> tuple[dict, list[torch.Tensor], li
     tensors by name), the inverse of write_trainer_state."""
     ckpt = Path(ckpt)
     meta = read_trainer_state(ckpt)["optimizer"]
-    flat = load_file(ckpt / STATE_TENSORS)
+    try:
+        flat = load_file(ckpt / STATE_TENSORS)
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{ckpt / STATE_TENSORS}: damaged trainer state ({e}); resume from an earlier "
+                         "checkpoint") from None
     state: dict[str, dict] = {name: dict(values) for name, values in meta["scalars"].items()}
     rng: dict[str, dict[int, torch.Tensor]] = {"cpu": {}, "cuda": {}}
     other = {}
