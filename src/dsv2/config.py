@@ -230,8 +230,9 @@ PRESETS: dict[str, dict] = {
         moe_intermediate_size=1408, n_routed_experts=64, topk_method="greedy", n_group=1, topk_group=1,
         routed_scaling_factor=1.0, aux_loss_alpha=0.001, rope_scaling=yarn_scaling(),
     ),
-    # "small": 19.8M parameters (5.5M active per token); trains on a laptop CPU in minutes. V2's proportions:
-    # fine-grained experts (2 shared + 64 routed, top-6) with group-limited routing (8 groups, top-3).
+    # "small": 19.8M parameters (4.45M active per token, 5.5M with the embedding row); trains on a laptop CPU in
+    # minutes. V2's proportions: fine-grained experts (2 shared + 64 routed, top-6) with group-limited routing (8
+    # groups, top-3).
     "small": dict(
         vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=64, num_hidden_layers=6,
         num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
