@@ -87,6 +87,7 @@ def test_quantize_never_replaces_what_is_at_out(tiny_checkpoint, tmp_path, capsy
 @pytest.mark.parametrize("flags,msg", [
     (["--block-size", "0"], "argument --block-size: 0 is not in 1.."),  # argparse's usage error
     (["--threads", "-2"], "argument --threads: -2 is not in 1.."),
+    (["--max-model-len", "0"], "argument --max-model-len: 0 is not in 1.."),
     (["--device", "bogus"], "is not a device"),
 ])
 def test_bad_engine_flags_exit_2(tiny_checkpoint, flags, msg, capsys):

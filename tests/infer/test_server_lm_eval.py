@@ -32,8 +32,8 @@ def test_local_completions_scores_equal_dsv2_eval_lm(tiny_checkpoint):
         served = lm_eval.simple_evaluate(
             model="local-completions",
             model_args=f"model=tiny,base_url={s.url}/v1/completions,tokenizer={tiny_checkpoint},"
-                       f"tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1,"
-                       f"max_length={s.engine.max_model_len}",
+                       f"tokenizer_backend=huggingface,tokenized_requests=True,add_bos_token=True,num_concurrent=1,"
+                       f"max_retries=1,max_length={s.engine.max_model_len}",
             tasks=tasks, task_manager=TaskManager(include_path=str(TASKS)), log_samples=True)
     finally:
         s.stop()

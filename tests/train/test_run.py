@@ -155,6 +155,9 @@ def test_resume_with_changed_model_settings_is_an_error(recipe, tmp_path, capsys
     capsys.readouterr()
     assert main(["pretrain", "--out", str(tmp_path), "--resume", "--preset", "small", "--no-progress"]) == 2
     assert "changed model settings (preset: 'tiny' -> 'small')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error, exit 2
+        main(["pretrain", "--out", str(tmp_path), "--resume", "--stop-after", "0", "--no-progress"])
+    assert "argument --stop-after: 0 is not in 1.." in capsys.readouterr().err
     assert main(["pretrain", "--out", str(tmp_path / "typo"), "--resume", "--no-progress"]) == 2
     assert "does not exist, so there is no run to continue" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()

@@ -73,7 +73,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="storage of the latent cache (fp8/int8: 8 bits + one float32 scale per vector)")
     p.add_argument("--block-size", type=int_in(1), default=16, help="tokens per cache block")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together")
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-model-len", type=int_in(1), default=None, help="context limit (default: the model's)")
     p.add_argument("--admission", default="optimistic", choices=["optimistic", "reserve"],
                    help="optimistic: admit when the prompt fits, preempt on a full pool; reserve: admit only when "
                         "prompt + max_tokens fit (never preempts)")

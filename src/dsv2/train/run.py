@@ -44,6 +44,7 @@ from dsv2.train import parallel, plots
 from dsv2.train.optim import batch_size_at, build_optimizer, lr_at
 from dsv2.train.recipe import MODEL_FIELDS, RunRecipe, add_flags, load_toml
 from dsv2.train.state import STATE_JSON, read_trainer_state, read_trainer_tensors, write_trainer_state
+from dsv2.utils import int_in
 
 CKPT_DIR = "checkpoints"
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -501,7 +502,7 @@ def add_run_arguments(p: argparse.ArgumentParser, recipe_cls: type, choices: dic
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plots)")
     p.add_argument("--config", help="TOML recipe; flags given here override it")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; the schedule still "
+    p.add_argument("--stop-after", type=int_in(1), help="stop (with a checkpoint) after this step; the schedule still "
                                                   "runs to --max-steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_flags(p, recipe_cls, choices)
