@@ -224,6 +224,11 @@ def _sse(r) -> list:
 @pytest.mark.slow  # about 20 s on the shared 2-core machine
 def test_sigterm_drains(server):
     s = Server(None, grace_s=1.5, like=server)
+    step = s.engine.step
+    # 10 ms a step: both requests are running together when SIGTERM comes, the short one (40 tokens) ends within
+    # the grace and the long one outlasts it, on any machine (the tiny model alone decodes 480 tokens in about a
+    # second and 6 in milliseconds, so the drain sometimes found nothing running)
+    s.engine.step = lambda: time.sleep(0.01) or step()
     try:
         body = {"model": MODEL, "prompt": "while True:", "ignore_eos": True, "temperature": 0, "stream": True}
         results = {}
@@ -233,7 +238,7 @@ def test_sigterm_drains(server):
                               timeout=60) as r:
                 results[name] = _sse(r)
 
-        threads = [threading.Thread(target=run, args=a) for a in (("short", 6), ("long", 480))]
+        threads = [threading.Thread(target=run, args=a) for a in (("short", 40), ("long", 480))]
         for t in threads:
             t.start()
         deadline = time.time() + 20
