@@ -390,9 +390,9 @@ class MoE(nn.Module):
                  else self.experts.forward_token(xf, topk_idx[0], topk_w[0])).view(B, T, H)
             self.load = None
         else:
-            rows, counts, row_w, state = self.dispatcher.dispatch(xf, topk_idx, topk_w, self.n_experts, keep)
+            y, counts = self._dispatched(xf, topk_idx, topk_w, keep)
             self.load = getattr(self.dispatcher, "routed_load", counts).detach()  # [E] this rank's tokens
-            y = self.dispatcher.combine(self.experts(rows, counts, row_w), state).view(B, T, H)
+            y = y.view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
@@ -408,6 +408,11 @@ class MoE(nn.Module):
             return torch.cond(small, self.experts.forward_pairs, self._sorted_routed, (x, topk_idx, topk_w))
         return (self.experts.forward_pairs if small else self._sorted_routed)(x, topk_idx, topk_w)
 
+    def _dispatched(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """dispatch -> experts -> combine: (y [N, H], tokens per expert [E])."""
+        rows, counts, row_w, state = self.dispatcher.dispatch(x, topk_idx, topk_w, self.n_experts, keep)
+        return self.dispatcher.combine(self.experts(rows, counts, row_w), state), counts
+
     def _sorted_routed(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        rows, counts, row_w, state = self.dispatcher.dispatch(x, topk_idx, topk_w, self.n_experts)
-        return self.dispatcher.combine(self.experts(rows, counts, row_w), state)
+        return self._dispatched(x, topk_idx, topk_w)[0]  # one tensor: a torch.cond branch
